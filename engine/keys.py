@@ -1,0 +1,67 @@
+"""Every Redis key of the service, in one place.
+
+All keys start with `prefetch:` and name their tier or role, so the service works when every
+DB number is the same (a managed Redis with one DB). The user id sits in a `{...}` hash tag so
+that the keys of one user share a Cluster slot (the invalidation guard reads two of them in
+one script).
+"""
+
+from __future__ import annotations
+
+PREFIX = "prefetch"
+TIERS = ("hot", "warm")
+
+# Dramatiq's RedisBroker namespace: its keys become `prefetch:queue:<queue>`, `...msgs`, etc.
+QUEUE_NAMESPACE = f"{PREFIX}:queue"
+
+
+def timeline(tier: str, user_id: str) -> str:
+    """The cached response body of GET /api/cache/{userId} in one tier."""
+    return f"{PREFIX}:{tier}:timeline:{{{user_id}}}"
+
+
+def generation(tier: str, user_id: str) -> str:
+    """Bumped by every invalidation; a write whose fetch started under an older value is dropped."""
+    return f"{PREFIX}:{tier}:gen:{{{user_id}}}"
+
+
+def timeline_pattern(tier: str) -> str:
+    """SCAN pattern for the entries of one tier (health counts them)."""
+    return f"{PREFIX}:{tier}:timeline:*"
+
+
+def pending_job(user_id: str) -> str:
+    """Hash {jobId, priority} of the user's job that is queued and not yet finished."""
+    return f"{PREFIX}:jobs:pending:{{{user_id}}}"
+
+
+FAILED_JOBS = f"{PREFIX}:jobs:failed"  # list of encoded FailedJob, newest first, at most 50
+JOBS_COMPLETED = f"{PREFIX}:jobs:completed_total"  # lifetime counter
+JOBS_FAILED = f"{PREFIX}:jobs:failed_total"  # lifetime counter
+
+
+def queue_list(queue_name: str) -> str:
+    """Dramatiq's list of waiting message ids for a queue (see dramatiq/brokers/redis)."""
+    return f"{QUEUE_NAMESPACE}:{queue_name}"
+
+
+def queue_acks_pattern() -> str:
+    """Dramatiq's per-worker sets of fetched-but-unacked message ids."""
+    return f"{QUEUE_NAMESPACE}:__acks__.*"
+
+
+ACTIVITY = f"{PREFIX}:activity:last"  # zset user id -> last active (epoch ms)
+
+
+def activity_count(user_id: str) -> str:
+    """How often a user was active within the window (recency and frequency rank users)."""
+    return f"{PREFIX}:activity:count:{{{user_id}}}"
+
+
+def metrics_day(day: str) -> str:
+    """Hash of counters for one UTC day `YYYY-MM-DD`."""
+    return f"{PREFIX}:metrics:day:{day}"
+
+
+METRICS_TOTAL = f"{PREFIX}:metrics:total"  # hash of lifetime counters
+SCHEDULER_LOCK = f"{PREFIX}:scheduler:leader"  # the strategy scheduler's leadership lock

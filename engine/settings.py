@@ -1,0 +1,316 @@
+"""Configuration: read once from the environment (and `.env`) into a frozen, typed object.
+
+Nothing else in the code base reads the environment. A malformed value raises ConfigError
+with one line naming the variable and the accepted form; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError
+
+PRIORITIES = ("high", "medium", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the service; see `.env.example` for the documentation of each."""
+
+    env: str = "development"
+    service_host: str = "0.0.0.0"
+    service_port: int = 3005
+    api_workers: int = 1
+    worker_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    job_concurrency: int = 100
+    batch_size: int = 50
+    redis_url: str = "redis://127.0.0.1:6379"
+    redis_configured: bool = False
+    redis_cluster_mode: bool = False
+    db_hot: int = 0
+    db_warm: int = 1
+    db_queue: int = 2
+    db_metrics: int = 3
+    ca_url: str = "http://127.0.0.1:3000"
+    timeline_url: str = "http://127.0.0.1:3004"
+    auth_service_url: str = "http://127.0.0.1:3001"
+    timeline_path: str = "/api/timeline/user/{userId}"
+    hot_ttl_ms: int = 300_000
+    warm_ttl_ms: int = 900_000
+    cold_ttl_ms: int = 3_600_000
+    enable_activity_based: bool = True
+    enable_event_triggered: bool = True
+    enable_predictive: bool = False
+    activity_check_interval_ms: int = 60_000
+    activity_window_ms: int = 900_000
+    max_timeline_size: int = 100
+    prefetch_timeout_ms: int = 10_000
+    prefetch_max_attempts: int = 3
+    prefetch_backoff_ms: int = 2_000
+    prefetch_shutdown_timeout_ms: int = 30_000
+    service_token: str = ""
+    service_token_path: str = ""
+    auth_cache_ttl_ms: int = 30_000
+    auth_cache_size: int = 10_000
+    ca_timeout_ms: int = 2_000
+    cache_compression: str = "gzip"
+    queue_prefetch: int = 200
+    delay_queue_prefetch: int = 1_000
+    queue_backlog_degraded: int = 500
+    metrics_retention_days: int = 90
+    metrics_dir: str = ""
+    log_level: str = "INFO"
+    log_dir: str = "./logs"
+
+    @property
+    def hot_ttl_s(self) -> int:
+        return max(1, self.hot_ttl_ms // 1000)
+
+    @property
+    def warm_ttl_s(self) -> int:
+        return max(1, self.warm_ttl_ms // 1000)
+
+    def ttl_ms(self, tier: str) -> int:
+        return self.hot_ttl_ms if tier == "hot" else self.warm_ttl_ms
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (tests and `prefetch dev` use it)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+# --- parsers: each returns the value or raises ValueError with the accepted form -------------
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _choice(*options: str, lower: bool = True) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower() if lower else raw.strip()
+        if value not in options:
+            raise ValueError("one of " + "|".join(options))
+        return value
+
+    return parse
+
+
+def _http_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError("an http:// or https:// URL with a numeric port") from None
+    return value
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError("a redis://, rediss:// or unix:// URL")
+    # Both clients must accept it: redis-py (Dramatiq's broker) and our FastRedis.
+    from redis import ConnectionPool
+
+    from engine.fastredis import RedisAddress
+
+    try:
+        ConnectionPool.from_url(value)
+        RedisAddress.parse(value)
+    except (ValueError, ConfigError) as exc:
+        raise ValueError(
+            f"a redis://, rediss:// or unix:// URL whose options parse ({exc})"
+        ) from None
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _path_template(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/") or "{userId}" not in value:
+        raise ValueError("a path starting with / that contains {userId}")
+    return value
+
+
+def _optional_path(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith("/"):
+        raise ValueError("empty or a path starting with /")
+    return value
+
+
+_LOG_LEVELS = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "critical": "CRITICAL",
+}
+
+
+def _log_level(raw: str) -> str:
+    return _LOG_LEVELS[_choice(*_LOG_LEVELS)(raw)]
+
+
+_PORT = _int(1, 65535)
+_DB = _int(0, 15)
+_MS = _int(1, 86_400_000)
+
+# variable -> (field, parser). Several seed names map to one field where they are aliases.
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "ENV": ("env", _choice("development", "production", "test")),
+    "NODE_ENV": ("env", _choice("development", "production", "test")),
+    "PREFETCH_SERVICE_HOST": ("service_host", _text),
+    "PREFETCH_SERVICE_PORT": ("service_port", _PORT),
+    "API_WORKERS": ("api_workers", _int(1, 64)),
+    "PREFETCH_WORKER_COUNT": ("worker_count", _int(1, 256)),
+    "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
+    "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),
+    "REDIS_CLUSTER_MODE": ("redis_cluster_mode", _bool),
+    "REDIS_DB_HOT": ("db_hot", _DB),
+    "REDIS_DB_WARM": ("db_warm", _DB),
+    "REDIS_DB_QUEUE": ("db_queue", _DB),
+    "REDIS_DB_METRICS": ("db_metrics", _DB),
+    "CA_URL": ("ca_url", _http_url),
+    "TIMELINE_SERVICE_URL": ("timeline_url", _http_url),
+    "AUTH_SERVICE_URL": ("auth_service_url", _http_url),
+    "TIMELINE_PATH": ("timeline_path", _path_template),
+    "HOT_CACHE_TTL": ("hot_ttl_ms", _MS),
+    "WARM_CACHE_TTL": ("warm_ttl_ms", _MS),
+    "COLD_CACHE_TTL": ("cold_ttl_ms", _MS),
+    "ENABLE_ACTIVITY_BASED": ("enable_activity_based", _bool),
+    "ENABLE_EVENT_TRIGGERED": ("enable_event_triggered", _bool),
+    "ENABLE_PREDICTIVE": ("enable_predictive", _bool),
+    "ACTIVITY_CHECK_INTERVAL": ("activity_check_interval_ms", _int(1_000, 86_400_000)),
+    "ACTIVITY_WINDOW": ("activity_window_ms", _int(1_000, 604_800_000)),
+    "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
+    "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
+    "PREFETCH_MAX_ATTEMPTS": ("prefetch_max_attempts", _int(1, 20)),
+    "PREFETCH_BACKOFF_MS": ("prefetch_backoff_ms", _int(0, 3_600_000)),
+    "PREFETCH_SHUTDOWN_TIMEOUT": ("prefetch_shutdown_timeout_ms", _int(0, 600_000)),
+    "SERVICE_CERTIFICATE_TOKEN": ("service_token", _text),
+    "SERVICE_TOKEN_PATH": ("service_token_path", _optional_path),
+    "AUTH_CACHE_TTL": ("auth_cache_ttl_ms", _int(0, 3_600_000)),
+    "AUTH_CACHE_SIZE": ("auth_cache_size", _int(1, 10_000_000)),
+    "CA_TIMEOUT": ("ca_timeout_ms", _int(50, 60_000)),
+    "CACHE_COMPRESSION": ("cache_compression", _choice("gzip", "none")),
+    "QUEUE_PREFETCH": ("queue_prefetch", _int(1, 100_000)),
+    "DELAY_QUEUE_PREFETCH": ("delay_queue_prefetch", _int(1, 1_000_000)),
+    "QUEUE_BACKLOG_DEGRADED": ("queue_backlog_degraded", _int(1, 10_000_000)),
+    "METRICS_RETENTION_DAYS": ("metrics_retention_days", _int(1, 3_650)),
+    "PREFETCH_METRICS_DIR": ("metrics_dir", _text),
+    "LOG_LEVEL": ("log_level", _log_level),
+    "LOG_DIR": ("log_dir", _text),
+}
+_REDIS_PARTS = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD")
+# Names we read elsewhere (sandbox knobs, Prometheus) that must not trip the unknown-name check.
+_OTHER_KNOWN: set[str] = set()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional quotes, `export ` prefix."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {line[:40]!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
+def environment(cwd: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The process environment over the `.env` of the working directory (the process wins)."""
+    env = dict(os.environ if base is None else base)
+    dotenv = (cwd or Path.cwd()) / ".env"
+    if dotenv.is_file():
+        for key, value in read_dotenv(dotenv).items():
+            env.setdefault(key, value)
+    return env
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build Settings from a mapping of variables; raise ConfigError on the first bad value."""
+    values: dict[str, Any] = {}
+    for name, (attr, parse) in _VARIABLES.items():
+        raw = env.get(name)
+        if raw is None or (raw.strip() == "" and attr != "service_token"):
+            continue
+        try:
+            values[attr] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is not valid: expected {exc}") from None
+    known = set(_VARIABLES) | set(_REDIS_PARTS) | _OTHER_KNOWN
+    for name in env:
+        if name.startswith("PREFETCH_") and name not in known:
+            raise ConfigError(f"{name} is not a known setting (see .env.example)")
+    values.update(_redis_location(env))
+    settings = Settings(**values)
+    if settings.redis_cluster_mode:
+        raise ConfigError(
+            "REDIS_CLUSTER_MODE=true is not supported yet: expected false "
+            "(keys are cluster-ready, the client is not)"
+        )
+    return settings
+
+
+def _redis_location(env: Mapping[str, str]) -> dict[str, Any]:
+    url = env.get("REDIS_URL", "").strip()
+    host = env.get("REDIS_HOST", "").strip()
+    port_raw = env.get("REDIS_PORT", "").strip()
+    password = env.get("REDIS_PASSWORD", "")
+    if url:
+        try:
+            return {"redis_url": _redis_url(url), "redis_configured": True}
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL={url!r} is not valid: expected {exc}") from None
+    if not host and not port_raw:
+        return {}
+    port = 6379
+    if port_raw:
+        try:
+            port = _PORT(port_raw)
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_PORT={port_raw!r} is not valid: expected {exc}") from None
+    auth = f":{password}@" if password else ""
+    return {"redis_url": f"redis://{auth}{host or '127.0.0.1'}:{port}", "redis_configured": True}

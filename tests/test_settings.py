@@ -1,0 +1,149 @@
+"""Configuration: defaults, aliases, `.env`, and one clear line for every malformed value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.settings import Settings, environment, load_settings
+
+
+def test_defaults_match_the_seed() -> None:
+    settings = load_settings({})
+    assert settings.service_port == 3005
+    assert (settings.hot_ttl_ms, settings.warm_ttl_ms, settings.cold_ttl_ms) == (
+        300_000,
+        900_000,
+        3_600_000,
+    )
+    assert (settings.db_hot, settings.db_warm) == (0, 1)
+    assert settings.job_concurrency == 100
+    assert settings.batch_size == 50
+    assert settings.max_timeline_size == 100
+    assert settings.prefetch_timeout_ms == 10_000
+    assert settings.timeline_path == "/api/timeline/user/{userId}"
+    assert settings.redis_configured is False
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.service_port = 1  # type: ignore[misc]
+
+
+def test_node_env_is_an_alias_of_env() -> None:
+    assert load_settings({"NODE_ENV": "production"}).env == "production"
+
+
+def test_redis_url_wins_over_host_and_port() -> None:
+    settings = load_settings(
+        {"REDIS_URL": "rediss://cache:6380", "REDIS_HOST": "other", "REDIS_PORT": "1"}
+    )
+    assert settings.redis_url == "rediss://cache:6380"
+    assert settings.redis_configured
+
+
+def test_host_port_and_password_build_a_url() -> None:
+    settings = load_settings({"REDIS_HOST": "cache", "REDIS_PORT": "6390", "REDIS_PASSWORD": "s"})
+    assert settings.redis_url == "redis://:s@cache:6390"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("PREFETCH_SERVICE_PORT", "abc", "an integer from 1 to 65535"),
+        ("PREFETCH_SERVICE_PORT", "70000", "an integer from 1 to 65535"),
+        ("HOT_CACHE_TTL", "-5", "an integer from 1 to 86400000"),
+        ("ENABLE_PREDICTIVE", "maybe", "true or false"),
+        ("CA_URL", "ftp://ca", "an http:// or https:// URL"),
+        ("REDIS_URL", "localhost:6379", "a redis://, rediss:// or unix:// URL"),
+        ("REDIS_URL", "redis://cache:6379/?socket_timeout=abc", "whose options parse"),
+        ("REDIS_PORT", "six", "an integer from 1 to 65535"),
+        ("TIMELINE_PATH", "/timeline", "a path starting with / that contains {userId}"),
+        ("CACHE_COMPRESSION", "brotli", "one of gzip|none"),
+        ("LOG_LEVEL", "loud", "one of debug|info|warn|warning|error|critical"),
+    ],
+)
+def test_a_malformed_value_names_the_variable_and_the_form(
+    name: str, value: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}=")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_a_misspelt_prefetch_variable_is_refused() -> None:
+    with pytest.raises(ConfigError, match="PREFETCH_WORKERCOUNT is not a known setting"):
+        load_settings({"PREFETCH_WORKERCOUNT": "4"})
+
+
+def test_cluster_mode_is_refused_rather_than_ignored() -> None:
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER_MODE"):
+        load_settings({"REDIS_CLUSTER_MODE": "true"})
+
+
+def test_dotenv_is_read_and_the_process_environment_wins(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "# comment\nexport HOT_CACHE_TTL=1000\nWARM_CACHE_TTL='2000'\nMAX_TIMELINE_SIZE=7 # note\n"
+    )
+    env = environment(tmp_path, base={"WARM_CACHE_TTL": "3000"})
+    settings = load_settings(env)
+    assert (settings.hot_ttl_ms, settings.warm_ttl_ms, settings.max_timeline_size) == (
+        1000,
+        3000,
+        7,
+    )
+
+
+def test_a_malformed_dotenv_line_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("HOT_CACHE_TTL\n")
+    with pytest.raises(ConfigError, match=r"\.env:1"):
+        environment(tmp_path, base={})
+
+
+def test_env_example_documents_every_variable_and_loads() -> None:
+    root = Path(__file__).resolve().parent.parent
+    example = (root / ".env.example").read_text()
+    from engine import settings as module
+
+    for name in module._VARIABLES:
+        assert name in example, f"{name} is missing from .env.example"
+    load_settings(module.read_dotenv(root / ".env.example"))
+
+
+@pytest.mark.parametrize("role", ["api", "worker", "sandbox", "dev"])
+def test_every_role_stops_with_one_line_on_a_bad_value(role: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", role],
+        env={"PATH": "/usr/bin:/bin", "PREFETCH_SERVICE_PORT": "abc"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "PREFETCH_SERVICE_PORT='abc'" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_sandbox_knob_stops_the_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "sandbox"],
+        env={"PATH": "/usr/bin:/bin", "SANDBOX_ERROR_RATE": "lots"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "SANDBOX_ERROR_RATE" in proc.stderr
+    assert "Traceback" not in proc.stderr
