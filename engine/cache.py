@@ -1,0 +1,134 @@
+"""The two cache tiers: read, status, guarded store and invalidation.
+
+Entries are the ready response body of GET /api/cache/{userId} (gzip-compressed when
+CACHE_COMPRESSION=gzip). Every invalidation bumps a per-user generation; a store carries the
+generation it saw before fetching and is dropped by a script if the generation moved, so an
+invalidation always wins over a fetch that was in flight when it arrived.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+
+from engine import keys
+from engine.fastredis import FastRedis, Script
+from engine.settings import Settings
+
+GZIP_MAGIC = b"\x1f\x8b"
+# Generations outlive any fetch by far; expiring them keeps idle users from costing memory.
+GENERATION_TTL_MS = 3_600_000
+
+_GUARDED_SET = Script(
+    """
+local g = redis.call('GET', KEYS[2])
+if (g or '') ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a prefetch saw before fetching: whether hot is fresh, and the target's generation."""
+
+    hot_fresh: bool
+    generation: bytes
+
+
+def compress(body: bytes) -> bytes:
+    """gzip at level 1: on a 52 KB timeline it costs 107 µs against 327 µs at level 6, for a
+    result 15% larger (9.3 KB against 8.1 KB); the worker's CPU is what limits prefetch
+    throughput (tuning.md)."""
+    return gzip.compress(body, compresslevel=1, mtime=0)
+
+
+def decompress(stored: bytes) -> bytes:
+    """The plain JSON body of a stored entry, whatever its encoding."""
+    if stored[:2] == GZIP_MAGIC:
+        return zlib.decompress(stored, wbits=31)
+    return stored
+
+
+class TimelineCache:
+    """Hot and warm tiers over two (possibly identical) Redis connections."""
+
+    def __init__(self, settings: Settings, hot: FastRedis, warm: FastRedis) -> None:
+        self._settings = settings
+        self._conn = {"hot": hot, "warm": warm}
+        self._compress = settings.cache_compression == "gzip"
+
+    def encode(self, body: bytes) -> bytes:
+        """The stored form of a response body."""
+        return compress(body) if self._compress else body
+
+    async def read(self, user_id: str) -> tuple[str, bytes] | None:
+        """(tier, stored bytes) of the freshest entry, hot first; None when neither has one."""
+        stored = await self._conn["hot"].get(keys.timeline("hot", user_id))
+        if stored is not None:
+            return "hot", stored
+        stored = await self._conn["warm"].get(keys.timeline("warm", user_id))
+        if stored is not None:
+            return "warm", stored
+        return None
+
+    async def status(self, user_id: str) -> tuple[str, int] | None:
+        """(tier, remaining ms) of the entry that a read would serve, or None."""
+        for tier in keys.TIERS:
+            ttl = await self._conn[tier].pttl(keys.timeline(tier, user_id))
+            if ttl >= 0:
+                return tier, ttl
+            if ttl == -1:  # no expiry should never happen; report it as a full TTL
+                return tier, self._settings.ttl_ms(tier)
+        return None
+
+    async def begin(self, user_id: str, tier: str, *, check_hot: bool = True) -> Ticket:
+        """Read, before fetching, the hot entry's existence and the target tier's generation."""
+        hot = self._conn["hot"]
+        if check_hot and self._conn[tier] is hot:
+            exists, gen = await hot.pipeline(
+                [("EXISTS", keys.timeline("hot", user_id)), ("GET", keys.generation(tier, user_id))]
+            )
+        else:
+            exists = 0
+            if check_hot:
+                exists = await hot.execute("EXISTS", keys.timeline("hot", user_id))
+            gen = await self._conn[tier].get(keys.generation(tier, user_id))
+        if isinstance(exists, Exception):
+            raise exists
+        if isinstance(gen, Exception):
+            raise gen
+        return Ticket(hot_fresh=bool(exists), generation=gen or b"")
+
+    async def store(self, tier: str, user_id: str, body: bytes, ticket: Ticket) -> bool:
+        """Store an encoded entry unless the user was invalidated since `ticket`; True if stored."""
+        stored = await self._conn[tier].evalsha_or_eval(
+            _GUARDED_SET,
+            [keys.timeline(tier, user_id), keys.generation(tier, user_id)],
+            [body, self._settings.ttl_ms(tier), ticket.generation],
+        )
+        return bool(stored == 1)
+
+    async def invalidate(self, user_id: str) -> None:
+        """Drop both tiers' entries and bump their generations (in flight fetches lose)."""
+        for tier in keys.TIERS:
+            gen_key = keys.generation(tier, user_id)
+            replies = await self._conn[tier].pipeline(
+                [
+                    ("DEL", keys.timeline(tier, user_id)),
+                    ("INCR", gen_key),
+                    ("PEXPIRE", gen_key, GENERATION_TTL_MS),
+                ]
+            )
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+
+    async def exists(self, user_id: str) -> bool:
+        """Whether either tier holds an entry for the user."""
+        for tier in keys.TIERS:
+            if await self._conn[tier].execute("EXISTS", keys.timeline(tier, user_id)):
+                return True
+        return False

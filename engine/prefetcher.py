@@ -1,0 +1,131 @@
+"""The unit of work: fetch a user's timeline, encode it once, store it in its tier.
+
+Used by the API (`immediate`, read-through on a cache miss) and by the job actors. Callers
+that finish an operation record it in StatsRecorder; a queued job records once, at its final
+outcome, not at every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from engine import telemetry, wire
+from engine.cache import TimelineCache, decompress
+from engine.stats import StatsRecorder
+from engine.upstream import TimelineClient
+
+
+def tier_of(priority: str) -> str:
+    """High-priority work goes to the hot tier, the rest to warm."""
+    return "hot" if priority == "high" else "warm"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchResult:
+    """The `data` of POST /api/prefetch/immediate/{userId}."""
+
+    success: bool
+    cached: bool
+    tier: str
+    postsCount: int
+    duration: int
+    stored: bool = True
+
+
+class _Count(msgspec.Struct):
+    postsCount: int
+
+
+class _Entry(msgspec.Struct):
+    data: _Count
+
+
+_entry_decoder = msgspec.json.Decoder(_Entry)
+
+
+class Prefetcher:
+    """Fetch → encode → guarded store, plus the API's single-flight read-through."""
+
+    def __init__(
+        self, cache: TimelineCache, timeline: TimelineClient, stats: StatsRecorder
+    ) -> None:
+        self.cache = cache
+        self.timeline = timeline
+        self.stats = stats
+        self._flights: dict[str, asyncio.Future[bytes]] = {}
+
+    async def prefetch(
+        self, user_id: str, priority: str, *, count_cached: bool = False
+    ) -> PrefetchResult:
+        """Make sure the user has a fresh entry in the tier of `priority`; raises UpstreamError."""
+        started = time.perf_counter()
+        tier = tier_of(priority)
+        ticket = await self.cache.begin(user_id, tier)
+        if ticket.hot_fresh:
+            count = await self._hot_count(user_id) if count_cached else 0
+            return PrefetchResult(True, True, "hot", count, _ms_since(started))
+        posts = await self.timeline.fetch(user_id)
+        body = wire.cached_body(posts, int(time.time() * 1000), tier, cached=True)
+        stored = await self.cache.store(tier, user_id, self.cache.encode(body), ticket)
+        return PrefetchResult(True, False, tier, len(posts), _ms_since(started), stored)
+
+    async def immediate(self, user_id: str, priority: str) -> PrefetchResult:
+        """A prefetch on behalf of an API caller, counted as one prefetch operation."""
+        started = time.perf_counter()
+        try:
+            result = await self.prefetch(user_id, priority, count_cached=True)
+        except Exception:
+            self.record(False, started)
+            raise
+        self.record(True, started)
+        return result
+
+    async def read_through(self, user_id: str) -> bytes:
+        """Fetch and store in warm a timeline nobody had cached; one fetch per user at a time.
+
+        Returns the response body (plain JSON, `meta.cached: false`) for every waiter.
+        """
+        flight = self._flights.get(user_id)
+        if flight is None:
+            flight = asyncio.ensure_future(self._read_through(user_id))
+            self._flights[user_id] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(user_id, None))
+        return await asyncio.shield(flight)
+
+    async def _read_through(self, user_id: str) -> bytes:
+        started = time.perf_counter()
+        try:
+            ticket = await self.cache.begin(user_id, "warm", check_hot=False)
+            posts = await self.timeline.fetch(user_id)
+            fetched_at = int(time.time() * 1000)
+            stored = wire.cached_body(posts, fetched_at, "warm", cached=True)
+            await self.cache.store("warm", user_id, self.cache.encode(stored), ticket)
+        except Exception:
+            self.record(False, started)
+            raise
+        self.record(True, started)
+        return wire.cached_body(posts, fetched_at, "warm", cached=False)
+
+    def record(self, ok: bool, started: float) -> None:
+        """Count one finished prefetch operation in the daily stats and Prometheus."""
+        elapsed = time.perf_counter() - started
+        self.stats.prefetch(ok, elapsed * 1000)
+        telemetry.QUEUE_DURATION.observe(elapsed)
+        (telemetry.JOB_COMPLETED if ok else telemetry.JOB_FAILED).inc()
+
+    async def _hot_count(self, user_id: str) -> int:
+        found = await self.cache.read(user_id)
+        if found is None:
+            return 0
+        try:
+            return _entry_decoder.decode(decompress(found[1])).data.postsCount
+        except msgspec.DecodeError:
+            return 0
+
+
+def _ms_since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)

@@ -1,0 +1,89 @@
+"""Per-process resources, built after fork in one lifespan and closed in reverse order.
+
+The API process and every worker child open a Runtime; nothing here is created at import
+time or shared across processes. Redis connections are lazy, so a process starts (and
+answers health checks) while Redis is down, and reconnects when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from engine.cache import TimelineCache
+from engine.fastredis import FastRedis
+from engine.jobs import JobQueue
+from engine.prefetcher import Prefetcher
+from engine.settings import Settings
+from engine.stats import StatsRecorder
+from engine.upstream import CAClient, ServiceTokens, TimelineClient, make_session
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything a process needs to serve reads and run prefetches."""
+
+    settings: Settings
+    redis: dict[str, FastRedis]  # by role: hot, warm, queue, metrics (shared when DBs match)
+    session: aiohttp.ClientSession
+    timeline: TimelineClient
+    ca: CAClient
+    cache: TimelineCache
+    stats: StatsRecorder
+    prefetcher: Prefetcher
+    jobs: JobQueue
+    # Bounds the prefetches of batch messages to PREFETCH_JOB_CONCURRENCY per process: 100
+    # threads x 50 users at once would queue on the connection pool until they time out.
+    batch_slots: asyncio.Semaphore
+
+
+def redis_clients(settings: Settings) -> dict[str, FastRedis]:
+    """One lazy connection per distinct DB, keyed by role."""
+    by_db: dict[int, FastRedis] = {}
+    roles = {
+        "hot": settings.db_hot,
+        "warm": settings.db_warm,
+        "queue": settings.db_queue,
+        "metrics": settings.db_metrics,
+    }
+    return {
+        role: by_db.setdefault(db, FastRedis(settings.redis_url, db)) for role, db in roles.items()
+    }
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIterator[Runtime]:
+    """Open the process's resources; close them in reverse order on exit."""
+    redis = redis_clients(settings)
+    try:
+        session = make_session(http_limit)
+        try:
+            tokens = ServiceTokens(settings, session)
+            timeline = TimelineClient(settings, session, tokens)
+            cache = TimelineCache(settings, redis["hot"], redis["warm"])
+            stats = StatsRecorder(redis["metrics"], settings.metrics_retention_days)
+            stats.start()
+            try:
+                yield Runtime(
+                    settings=settings,
+                    redis=redis,
+                    session=session,
+                    timeline=timeline,
+                    ca=CAClient(settings, session),
+                    cache=cache,
+                    stats=stats,
+                    prefetcher=Prefetcher(cache, timeline, stats),
+                    jobs=JobQueue(redis["queue"]),
+                    batch_slots=asyncio.Semaphore(settings.job_concurrency),
+                )
+            finally:
+                await stats.stop()
+        finally:
+            await session.close()
+    finally:
+        for client in {id(c): c for c in redis.values()}.values():
+            await client.close()
