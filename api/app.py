@@ -1,0 +1,72 @@
+"""The app factory: `create_app(settings)` wires routes, the middleware and the lifespan.
+
+Each per-process resource has its own cleanup context, so a resource is torn down only if
+it was set up, in reverse order: the Runtime (Redis connections, the HTTP session, the stats
+flusher) first, then the activity batcher that writes through the Runtime's Redis.
+Access logging is the runner's business: the CLI (and the tests) pass access_log=None.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api import views_cache, views_health, views_prefetch
+from api.activity import ActivityBatcher
+from api.appkeys import ACTIVITY, AUTH, RUNTIME, SETTINGS, STARTED_AT
+from api.auth import Authenticator
+from api.middlewares import envelope_middleware
+from engine.runtime import open_runtime
+from engine.settings import Settings
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def setup_runtime(app: web.Application) -> None:
+    """The process's Runtime and the token validator that uses its CA client."""
+
+    async def runtime_context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        async with open_runtime(settings) as runtime:
+            app[RUNTIME] = runtime
+            app[AUTH] = Authenticator(
+                runtime.ca, settings.auth_cache_ttl_ms, settings.auth_cache_size
+            )
+            yield
+
+    app.cleanup_ctx.append(runtime_context)
+
+
+def setup_activity(app: web.Application) -> None:
+    """The activity batcher, flushing to the metrics DB once a second."""
+
+    async def activity_context(app: web.Application) -> AsyncIterator[None]:
+        batcher = ActivityBatcher(app[RUNTIME].redis["metrics"], app[SETTINGS].activity_window_ms)
+        batcher.start()
+        app[ACTIVITY] = batcher
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app.cleanup_ctx.append(activity_context)
+
+
+def setup_routes(app: web.Application) -> None:
+    """Every route of SPEC section 4; within a module, more specific paths come first."""
+    app.router.add_routes(views_cache.ROUTES)
+    app.router.add_routes(views_prefetch.ROUTES)
+    app.router.add_routes(views_health.ROUTES)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The API application for `settings`; resources open when the app starts."""
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[STARTED_AT] = time.monotonic()
+    setup_runtime(app)
+    setup_activity(app)
+    setup_routes(app)
+    return app

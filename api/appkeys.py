@@ -1,0 +1,22 @@
+"""Typed keys for what the app and its requests carry, in one place (no string keys).
+
+The values behind RUNTIME, AUTH and ACTIVITY exist only while the app runs: each is set by
+its cleanup context in api.app, after the process forked and the loop started.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api.activity import ActivityBatcher
+from api.auth import Authenticator
+from engine.runtime import Runtime
+from engine.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+RUNTIME = web.AppKey("runtime", Runtime)
+AUTH = web.AppKey("auth", Authenticator)
+ACTIVITY = web.AppKey("activity", ActivityBatcher)
+STARTED_AT = web.AppKey("started_at", float)  # time.monotonic() when the app was built
+
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,81 @@
+"""The one middleware: a request id on every response, and every failure as the error envelope.
+
+It is one middleware rather than two because each costs a coroutine frame per request, and
+the error path must set the request id too. Errors raised on purpose (`PrefetchError`) carry
+their status and code; aiohttp's own HTTP errors (unknown route, wrong method, body too
+large) are mapped to the SPEC's codes; anything else is logged with the request id and
+answered 500 without internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from api.appkeys import REQUEST_ID
+from api.responses import error_response
+from engine.errors import PrefetchError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# An incoming id is echoed only if it is short and harmless in logs and headers.
+_SANE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}", re.ASCII)
+
+_HTTP_CODES = {
+    400: ("BAD_REQUEST", "Bad request"),
+    404: ("NOT_FOUND", "Route not found"),
+    405: ("METHOD_NOT_ALLOWED", "Method not allowed"),
+    413: ("PAYLOAD_TOO_LARGE", "Request body is larger than 64 KB"),
+}
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-Id when sane, else a new short random one."""
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    if incoming is not None and _SANE_ID.fullmatch(incoming):
+        return incoming
+    return secrets.token_hex(8)
+
+
+def _http_error(exc: web.HTTPException) -> web.StreamResponse:
+    if exc.status < 400:  # redirects and the like pass through untouched
+        return exc
+    code, message = _HTTP_CODES.get(exc.status, ("HTTP_ERROR", exc.reason))
+    response = error_response(exc.status, code, message)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+    return response
+
+
+def _prefetch_error(exc: PrefetchError, request_id: str, request: web.Request) -> web.Response:
+    if exc.status >= 500 and exc.code == "INTERNAL_ERROR":
+        # An unexpected failure that happens to be one of ours (a Redis error reply, ...).
+        log.error("request %s %s %s failed", request_id, request.method, request.path, exc_info=exc)
+        return error_response(500, "INTERNAL_ERROR", "Internal server error")
+    return error_response(exc.status, exc.code, exc.message)
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tag the response with X-Request-Id; turn exceptions into error envelopes."""
+    request_id = request_id_of(request)
+    request[REQUEST_ID] = request_id
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except PrefetchError as exc:
+        response = _prefetch_error(exc, request_id, request)
+    except web.HTTPException as exc:
+        response = _http_error(exc)
+    except Exception:
+        log.exception("request %s %s %s failed", request_id, request.method, request.path)
+        response = error_response(500, "INTERNAL_ERROR", "Internal server error")
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response

@@ -1,0 +1,236 @@
+"""Health checks (the seed's /health family) and the Prometheus endpoint. No auth here.
+
+/health runs its checks concurrently, each bounded by CHECK_TIMEOUT_S, so one slow
+dependency shows up as such instead of hiding the others. Redis down makes the service
+unhealthy (503): it cannot serve a read. A queue backlog, memory pressure or an unreachable
+timeline service or CA make it degraded (200): cached reads still work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+
+from api.appkeys import RUNTIME, SETTINGS, STARTED_AT
+from api.responses import iso_now, json_response
+from engine import keys, telemetry
+from engine.errors import PrefetchError
+from engine.fastredis import FastRedis
+
+CHECK_TIMEOUT_S = 2.0
+MEMORY_PRESSURE_MB = 400
+# /health/cache counts entries with SCAN; past this many steps it reports an estimate.
+SCAN_MAX_STEPS = 100
+SCAN_COUNT = 1000
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+async def _bounded(check: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """A check's result, or a timeout/error status; never raises."""
+    try:
+        return await asyncio.wait_for(check, CHECK_TIMEOUT_S)
+    except TimeoutError:
+        return {"status": "timeout"}
+    except PrefetchError as exc:
+        return {"status": "disconnected", "error": exc.code}
+
+
+def _info_field(info: bytes, name: str) -> str | None:
+    prefix = name.encode() + b":"
+    for line in info.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].decode().strip()
+    return None
+
+
+async def _redis_check(client: FastRedis, db: int, *, memory: bool) -> dict[str, Any]:
+    """PING latency, key count (DBSIZE) and, for the hot tier, Redis's memory use."""
+    started = time.perf_counter()
+    await client.execute("PING")
+    latency = f"{(time.perf_counter() - started) * 1000:.0f}ms"
+    commands: list[tuple[str, ...]] = [("DBSIZE",)]
+    if memory:
+        commands.append(("INFO", "memory"))
+    replies = await client.pipeline(commands)
+    result: dict[str, Any] = {"status": "connected", "latency": latency}
+    if memory and isinstance(replies[1], bytes):
+        human = _info_field(replies[1], "used_memory_human")
+        # Redis writes "4.40M"; the seed's shape is "45.3MB".
+        result["memory"] = f"{human}B" if human and human[-1] in "KMGT" else human
+    # DBSIZE counts every key of the DB (generation marks too, and other roles' keys when
+    # DBs are shared): an exact count per tier would need a SCAN, too costly for a probe.
+    result["db"] = db
+    result["keys"] = replies[0] if isinstance(replies[0], int) else None
+    return result
+
+
+def _rss_bytes() -> int:
+    """Resident memory now (Linux /proc), else the peak that getrusage reports."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def _memory_check() -> dict[str, Any]:
+    rss_mb = _rss_bytes() / 1_048_576
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "status": "pressure" if rss_mb > MEMORY_PRESSURE_MB else "healthy",
+        "rss": f"{rss_mb:.0f}MB",
+        "peakRss": f"{peak_mb:.0f}MB",
+        "limit": f"{MEMORY_PRESSURE_MB}MB",
+    }
+
+
+async def _queue_check(request: web.Request) -> dict[str, Any]:
+    counts = await request.app[RUNTIME].jobs.stats()
+    backlog = counts["waiting"] > request.app[SETTINGS].queue_backlog_degraded
+    return {
+        "status": "backlog" if backlog else "healthy",
+        **{name: counts[name] for name in ("waiting", "active", "completed", "failed")},
+    }
+
+
+async def _redis_checks(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    runtime, settings = request.app[RUNTIME], request.app[SETTINGS]
+    hot, warm = await asyncio.gather(
+        _bounded(_redis_check(runtime.redis["hot"], settings.db_hot, memory=True)),
+        _bounded(_redis_check(runtime.redis["warm"], settings.db_warm, memory=False)),
+    )
+    return hot, warm
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: every check, and the overall status they add up to."""
+    runtime = request.app[RUNTIME]
+    (hot, warm), timeline, ca, memory, queue = await asyncio.gather(
+        _redis_checks(request),
+        _bounded(runtime.timeline.health()),
+        _bounded(runtime.ca.health()),
+        _bounded(_memory_check()),
+        _bounded(_queue_check(request)),
+    )
+    checks = {
+        "hotCache": hot,
+        "warmCache": warm,
+        "timeline": timeline,
+        "ca": ca,
+        "memory": memory,
+        "queue": queue,
+    }
+    if any(check["status"] != "connected" for check in (hot, warm)):
+        status, code = "unhealthy", 503
+    elif (
+        queue["status"] != "healthy"
+        or memory["status"] != "healthy"
+        or timeline["status"] != "connected"
+        or ca["status"] != "connected"
+    ):
+        status, code = "degraded", 200
+    else:
+        status, code = "healthy", 200
+    body = {
+        "service": "exprsn-prefetch",
+        "status": status,
+        "timestamp": iso_now(),
+        "uptime": int(time.monotonic() - request.app[STARTED_AT]),
+        "checks": checks,
+    }
+    return json_response(body, code)
+
+
+async def health_redis(request: web.Request) -> web.Response:
+    """GET /health/redis: both cache tiers."""
+    hot, warm = await _redis_checks(request)
+    ok = hot["status"] == warm["status"] == "connected"
+    body = {"status": "healthy" if ok else "unhealthy", "hotCache": hot, "warmCache": warm}
+    return json_response(body, 200 if ok else 503)
+
+
+def _upstream_response(check: dict[str, Any]) -> web.Response:
+    ok = check["status"] == "connected"
+    return json_response({**check, "healthy": ok}, 200 if ok else 503)
+
+
+async def health_timeline(request: web.Request) -> web.Response:
+    """GET /health/timeline: the timeline service's /health."""
+    return _upstream_response(await _bounded(request.app[RUNTIME].timeline.health()))
+
+
+async def health_ca(request: web.Request) -> web.Response:
+    """GET /health/ca: the CA's /health."""
+    return _upstream_response(await _bounded(request.app[RUNTIME].ca.health()))
+
+
+async def _count_entries(client: FastRedis, tier: str) -> dict[str, Any]:
+    """Entries of one tier by SCAN, stopping (and saying so) after SCAN_MAX_STEPS steps."""
+    cursor, count, steps = b"0", 0, 0
+    while True:
+        cursor, found = await client.execute(
+            "SCAN", cursor, "MATCH", keys.timeline_pattern(tier), "COUNT", SCAN_COUNT
+        )
+        count += len(found)
+        steps += 1
+        if cursor == b"0" or steps >= SCAN_MAX_STEPS:
+            return {"status": "connected", "entries": count, "exact": cursor == b"0"}
+
+
+async def health_cache(request: web.Request) -> web.Response:
+    """GET /health/cache: how many timelines each tier holds."""
+    runtime, settings = request.app[RUNTIME], request.app[SETTINGS]
+    hot, warm = await asyncio.gather(
+        _bounded(_count_entries(runtime.redis["hot"], "hot")),
+        _bounded(_count_entries(runtime.redis["warm"], "warm")),
+    )
+    hot["db"], hot["ttlMs"] = settings.db_hot, settings.hot_ttl_ms
+    warm["db"], warm["ttlMs"] = settings.db_warm, settings.warm_ttl_ms
+    ok = hot["status"] == warm["status"] == "connected"
+    body = {"status": "healthy" if ok else "unhealthy", "hot": hot, "warm": warm}
+    return json_response(body, 200 if ok else 503)
+
+
+async def _ping(client: FastRedis) -> dict[str, Any]:
+    await client.execute("PING")
+    return {"status": "connected"}
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /health/ready: 200 only when Redis answers (both tiers)."""
+    redis = request.app[RUNTIME].redis
+    checks = await asyncio.gather(_bounded(_ping(redis["hot"])), _bounded(_ping(redis["warm"])))
+    if all(check["status"] == "connected" for check in checks):
+        return json_response({"status": "ready"})
+    return json_response({"status": "not ready", "reason": "Redis unreachable"}, 503)
+
+
+async def live(request: web.Request) -> web.Response:
+    """GET /health/live: answering at all proves the event loop turns."""
+    return json_response({"status": "alive"})
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text, aggregated over the pod's processes when multiprocess."""
+    body, content_type = telemetry.render(request.app[SETTINGS].metrics_dir)
+    # content_type= would reject the charset parameter that Prometheus's type carries.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+ROUTES = [
+    web.get("/health", health),
+    web.get("/health/redis", health_redis),
+    web.get("/health/timeline", health_timeline),
+    web.get("/health/ca", health_ca),
+    web.get("/health/cache", health_cache),
+    web.get("/health/ready", ready),
+    web.get("/health/live", live),
+    web.get("/metrics", prometheus),
+]
