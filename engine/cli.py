@@ -1,0 +1,220 @@
+"""`prefetch api | worker | dev | sandbox`: the one entry point of every process role.
+
+Settings are loaded here, once; a bad value prints one line and exits 2. Prometheus's
+multiprocess directory must be in the environment before any metric exists, so the heavy
+modules are imported only after `_prepare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from engine.errors import ConfigError, PrefetchError
+from engine.process import fork_child
+from engine.settings import Settings, environment, load_settings
+
+EXIT_CONFIG = 2
+SANDBOX_TOKENS = (
+    "sandbox-service",
+    "sandbox-readonly",
+    "sandbox-user-<uuid>",
+    "sandbox-expired",
+    "sandbox-revoked",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefetch", description=__doc__)
+    parser.add_argument("role", choices=("api", "worker", "dev", "sandbox"))
+    args = parser.parse_args(argv)
+    env = environment()
+    try:
+        settings = load_settings(env)
+        from sandbox.config import load_sandbox_settings
+
+        load_sandbox_settings(env)  # fail at start, in every role, on a malformed knob
+    except ConfigError as exc:
+        print(f"prefetch: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    settings = _prepare(settings, fresh_metrics=args.role == "dev")
+    try:
+        if args.role == "api":
+            return run_api(settings)
+        if args.role == "worker":
+            from engine.supervisor import run_supervisor
+
+            return run_supervisor(settings)
+        if args.role == "sandbox":
+            from sandbox.server import run_sandbox
+
+            return run_sandbox(settings, env)
+        return run_dev(settings, env)
+    except PrefetchError as exc:
+        print(f"prefetch {args.role}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _prepare(settings: Settings, *, fresh_metrics: bool) -> Settings:
+    """Logging, and the pod-wide Prometheus directory shared by the API and the workers."""
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    metrics_dir = settings.metrics_dir or str(
+        Path(tempfile.gettempdir()) / f"prefetch-metrics-{settings.service_port}"
+    )
+    path = Path(metrics_dir)
+    if fresh_metrics and path.is_dir():
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    return settings.with_overrides(metrics_dir=metrics_dir)
+
+
+def run_api(settings: Settings) -> int:
+    """`API_WORKERS` processes serving the port together (SO_REUSEPORT)."""
+    from engine.process import set_title
+
+    if settings.api_workers == 1:
+        set_title("prefetch: api")
+        return _serve_api(settings)
+    pids = [fork_child("api", lambda: _serve_api(settings)) for _ in range(settings.api_workers)]
+    set_title("prefetch: api")
+    return _wait_children(pids)
+
+
+def _serve_api(settings: Settings) -> int:
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    from api import create_app
+
+    async def serve() -> None:
+        runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            settings.service_host,
+            settings.service_port,
+            reuse_port=settings.api_workers > 1,
+            backlog=1024,
+        )
+        await site.start()
+        logging.getLogger("api").info(
+            "API on http://%s:%d", settings.service_host, settings.service_port
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    uvloop.run(serve())
+    return 0
+
+
+def run_dev(settings: Settings, env: dict[str, str]) -> int:
+    """Everything on one machine: embedded Valkey, sandbox upstreams, supervisor and API."""
+    from engine.embedded import EmbeddedRedis
+    from engine.process import set_title
+    from engine.supervisor import run_supervisor
+    from sandbox.server import run_sandbox
+
+    set_title("prefetch: dev")
+    embedded: EmbeddedRedis | None = None
+    if not settings.redis_configured:
+        embedded = EmbeddedRedis().start()
+        settings = settings.with_overrides(redis_url=embedded.url, redis_configured=True)
+    if not settings.service_token and not settings.service_token_path:
+        settings = settings.with_overrides(service_token="sandbox-service")
+    pids: list[int] = []
+    try:
+        pids.append(fork_child("sandbox", lambda: run_sandbox(settings, env)))
+        _wait_for_port(settings.timeline_url)
+        pids.append(fork_child("supervisor", lambda: run_supervisor(settings)))
+        pids.append(fork_child("api", lambda: run_api(settings)))
+        _print_banner(settings, embedded)
+        return _wait_children(pids)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _print_banner(settings: Settings, embedded: object | None) -> None:
+    base = f"http://127.0.0.1:{settings.service_port}"
+    redis_note = "embedded Valkey" if embedded is not None else "configured"
+    lines = [
+        "",
+        "exprsn-prefetch dev is up (Ctrl-C stops everything)",
+        f"  API       {base}",
+        f"  Redis     {settings.redis_url} ({redis_note})",
+        f"  timeline  {settings.timeline_url}  (sandbox)",
+        f"  CA        {settings.ca_url}  (sandbox)",
+        f"  tokens    {', '.join(SANDBOX_TOKENS)}",
+        "  try:",
+        f"    curl -s -H 'Authorization: Bearer sandbox-service' "
+        f"{base}/api/cache/550e8400-e29b-41d4-a716-446655440000",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _wait_children(pids: list[int]) -> int:
+    """Forward SIGTERM/SIGINT to the children and wait for all of them."""
+    signals = 0
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal signals
+        signals += 1
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM if signals == 1 else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    alive = set(pids)
+    while alive:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid in alive:
+            alive.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            worst = worst or (code if code > 0 else 0)
+            if not signals:  # one part died on its own: stop the rest, like Ctrl-C
+                forward(signal.SIGTERM, None)
+    return worst
+
+
+def _wait_for_port(url: str, timeout: float = 10.0) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
