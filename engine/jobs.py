@@ -170,6 +170,10 @@ class JobQueue:
         queue, redis_id, data = encode_message(
             QUEUES[priority], actor_name(priority), (user_id, job_id, attempt), delay_ms
         )
+        await self._push(queue, redis_id, data)
+
+    async def _push(self, queue: str, redis_id: str, data: bytes) -> None:
+        """Write a message as Dramatiq's enqueue does: its body, then its id on the queue."""
         replies = await self._redis.pipeline(
             [
                 ("HSET", keys.queue_list(queue) + ".msgs", redis_id, data),
@@ -186,15 +190,7 @@ class JobQueue:
         queue, redis_id, data = encode_message(
             QUEUES[priority], actor_name(priority, batch=True), (user_ids, batch_id), 0
         )
-        replies = await self._redis.pipeline(
-            [
-                ("HSET", keys.queue_list(queue) + ".msgs", redis_id, data),
-                ("RPUSH", keys.queue_list(queue), redis_id),
-            ]
-        )
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        await self._push(queue, redis_id, data)
         return batch_id
 
     async def stats(self) -> dict[str, Any]:
