@@ -84,11 +84,10 @@ def run_api(settings: Settings) -> int:
     """`API_WORKERS` processes serving the port together (SO_REUSEPORT)."""
     from engine.process import set_title
 
+    set_title("prefetch: api")  # before forking, so that every API process carries it
     if settings.api_workers == 1:
-        set_title("prefetch: api")
         return _serve_api(settings)
     pids = [fork_child("api", lambda: _serve_api(settings)) for _ in range(settings.api_workers)]
-    set_title("prefetch: api")
     return _wait_children(pids)
 
 

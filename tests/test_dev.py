@@ -126,3 +126,48 @@ def test_dev_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path
         time.sleep(0.1)
     left = [started[pid] for pid in started if Path(f"/proc/{pid}").exists()]
     assert left == [], f"Ctrl-C left processes behind: {left}"
+
+
+def test_api_workers_share_the_port_and_stop_together(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "REDIS_URL": redis_url,
+        "API_WORKERS": "2",
+        "PREFETCH_SERVICE_PORT": str(port),
+        "PREFETCH_SERVICE_HOST": "127.0.0.1",
+        "PREFETCH_METRICS_DIR": str(tmp_path / "metrics"),
+        "LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "api"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            children = descendants(proc.pid)
+            if len(children) == 2:
+                try:
+                    if get(f"http://127.0.0.1:{port}/health/ready")[0] == 200:
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        children = descendants(proc.pid)
+        assert sorted(children.values()) == ["prefetch: api", "prefetch: api"], children
+        # Two processes listen on the one port (SO_REUSEPORT) and it keeps answering.
+        for _ in range(20):
+            assert get(f"http://127.0.0.1:{port}/health/live")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert proc.returncode == 0, output[-2000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
+        time.sleep(0.1)
+    assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
