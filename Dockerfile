@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY api ./api
 COPY sandbox ./sandbox
+COPY prefetch ./prefetch
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

@@ -21,7 +21,7 @@ test: $(STAMP)  ## the test suite, against REDIS_URL or an embedded Valkey
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine api sandbox
+	$(BIN)/mypy engine api sandbox prefetch
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

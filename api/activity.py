@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from engine import keys
-from engine.fastredis import FastRedis
+from engine.store import keys
+from engine.store.fastredis import FastRedis
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from aiohttp import web
 from api import validation
 from api.appkeys import ACTIVITY, AUTH, RUNTIME
 from api.responses import JSON, success
-from engine import telemetry
-from engine.cache import GZIP_MAGIC, decompress
 from engine.errors import NotFound
+from engine.metrics import prometheus
+from engine.store.cache import GZIP_MAGIC, decompress
 
 _GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 _VARY = {"Vary": "Accept-Encoding"}
@@ -64,11 +64,11 @@ async def get_timeline(request: web.Request) -> web.Response:
     if found is not None:
         tier, stored = found
         runtime.stats.hit(tier)
-        (telemetry.HOT_HIT if tier == "hot" else telemetry.WARM_HIT).inc()
+        (prometheus.HOT_HIT if tier == "hot" else prometheus.WARM_HIT).inc()
         app[ACTIVITY].add(user)
         return _timeline_response(request, stored)
     runtime.stats.miss()
-    telemetry.CACHE_MISSES.inc()
+    prometheus.CACHE_MISSES.inc()
     if request.query.get("cacheOnly") == "true":
         raise NotFound("Timeline not cached")
     # Plain JSON with meta.cached false; upstream failures carry their status and code.

@@ -19,9 +19,10 @@ from aiohttp import web
 
 from api.appkeys import RUNTIME, SETTINGS, STARTED_AT
 from api.responses import iso_now, json_response
-from engine import keys, telemetry
 from engine.errors import PrefetchError
-from engine.fastredis import FastRedis
+from engine.metrics import prometheus
+from engine.store import keys
+from engine.store.fastredis import FastRedis
 
 CHECK_TIMEOUT_S = 2.0
 MEMORY_PRESSURE_MB = 400
@@ -217,9 +218,9 @@ async def live(request: web.Request) -> web.Response:
     return json_response({"status": "alive"})
 
 
-async def prometheus(request: web.Request) -> web.Response:
+async def prometheus_text(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text, aggregated over the pod's processes when multiprocess."""
-    body, content_type = telemetry.render(request.app[SETTINGS].metrics_dir)
+    body, content_type = prometheus.render(request.app[SETTINGS].metrics_dir)
     # content_type= would reject the charset parameter that Prometheus's type carries.
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -232,5 +233,5 @@ ROUTES = [
     web.get("/health/cache", health_cache),
     web.get("/health/ready", ready),
     web.get("/health/live", live),
-    web.get("/metrics", prometheus),
+    web.get("/metrics", prometheus_text),
 ]

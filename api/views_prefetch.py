@@ -14,9 +14,10 @@ from api import validation
 from api.activity import ActivityBatcher
 from api.appkeys import ACTIVITY, AUTH, RUNTIME, SETTINGS
 from api.responses import iso_now, success
-from engine import keys, stats
 from engine.errors import BadRequest
+from engine.metrics import daily
 from engine.runtime import Runtime
+from engine.store import keys
 
 EVENT_TYPES = frozenset(
     {"post.created", "post.updated", "post.deleted", "follow.created", "follow.deleted"}
@@ -84,7 +85,7 @@ async def queue_retry(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """GET /api/prefetch/metrics: lifetime counters."""
     await _authorize(request, "read")
-    data = await stats.read_day(request.app[RUNTIME].redis["metrics"], None)
+    data = await daily.read_day(request.app[RUNTIME].redis["metrics"], None)
     data["timestamp"] = iso_now()
     return success(data)
 
@@ -93,7 +94,7 @@ async def metrics_day(request: web.Request) -> web.Response:
     """GET /api/prefetch/metrics/{date}: one UTC day's counters (zeros for a quiet day)."""
     await _authorize(request, "read")
     day = validation.day(request.match_info["date"])
-    data = await stats.read_day(request.app[RUNTIME].redis["metrics"], day)
+    data = await daily.read_day(request.app[RUNTIME].redis["metrics"], day)
     data["date"] = day
     data["timestamp"] = iso_now()
     return success(data)

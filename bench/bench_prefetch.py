@@ -61,11 +61,12 @@ from bench.common import (
     titled,
     wait_http,
 )
-from engine import keys, wire
-from engine.cache import compress
-from engine.fastredis import FastRedis
-from engine.jobs import JobQueue
+from engine import wire
+from engine.broker.jobs import JobQueue
 from engine.settings import Settings
+from engine.store import keys
+from engine.store.cache import compress
+from engine.store.fastredis import FastRedis
 
 WARMUP_JOBS = 200
 SCHEDULE_CHUNK = 500

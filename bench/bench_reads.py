@@ -57,8 +57,8 @@ from bench.common import (
     titled,
     wait_http,
 )
-from engine import keys
-from engine.cache import compress
+from engine.store import keys
+from engine.store.cache import compress
 from engine.wire import cached_body
 from sandbox import generate_posts
 

@@ -1,4 +1,4 @@
-"""Compare engine.fastredis.FastRedis with redis.asyncio on GET of a large value.
+"""Compare engine.store.fastredis.FastRedis with redis.asyncio on GET of a large value.
 
 Each client runs `--concurrency` coroutines that GET the same `--size`-byte key in a loop for
 `--duration` seconds (after a short warm-up), and the script prints throughput and the CPU
@@ -24,7 +24,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.fastredis import FastRedis
+from engine.store.fastredis import FastRedis
 
 Get = Callable[[str], Awaitable[object]]
 

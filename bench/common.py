@@ -46,7 +46,7 @@ def redis_target(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from engine.embedded import EmbeddedRedis
+    from prefetch.embedded import EmbeddedRedis
 
     with EmbeddedRedis() as embedded:
         yield embedded.url

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import msgspec
 
-from engine import telemetry, wire
-from engine.cache import TimelineCache, decompress
-from engine.stats import StatsRecorder
+from engine import wire
+from engine.metrics import prometheus
+from engine.metrics.daily import StatsRecorder
+from engine.store.cache import TimelineCache, decompress
 from engine.upstream import TimelineClient
 
 
@@ -114,8 +115,8 @@ class Prefetcher:
         """Count one finished prefetch operation in the daily stats and Prometheus."""
         elapsed = time.perf_counter() - started
         self.stats.prefetch(ok, elapsed * 1000)
-        telemetry.QUEUE_DURATION.observe(elapsed)
-        (telemetry.JOB_COMPLETED if ok else telemetry.JOB_FAILED).inc()
+        prometheus.QUEUE_DURATION.observe(elapsed)
+        (prometheus.JOB_COMPLETED if ok else prometheus.JOB_FAILED).inc()
 
     async def _hot_count(self, user_id: str) -> int:
         found = await self.cache.read(user_id)

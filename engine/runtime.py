@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from engine.cache import TimelineCache
-from engine.fastredis import FastRedis
-from engine.jobs import JobQueue
+from engine.broker.jobs import JobQueue
+from engine.metrics.daily import StatsRecorder
 from engine.prefetcher import Prefetcher
 from engine.settings import Settings
-from engine.stats import StatsRecorder
+from engine.store.cache import TimelineCache
+from engine.store.fastredis import FastRedis
 from engine.upstream import CAClient, ServiceTokens, TimelineClient, make_session
 
 

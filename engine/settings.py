@@ -140,7 +140,7 @@ def _redis_url(raw: str) -> str:
     # Both clients must accept it: redis-py (Dramatiq's broker) and our FastRedis.
     from redis import ConnectionPool
 
-    from engine.fastredis import RedisAddress
+    from engine.store.fastredis import RedisAddress
 
     try:
         ConnectionPool.from_url(value)

@@ -18,10 +18,11 @@ from types import FrameType
 
 import redis
 
-from engine import keys
-from engine.jobs import QUEUES
+from engine.broker.jobs import QUEUES
 from engine.process import fork_child, set_title
 from engine.settings import Settings
+from engine.store import keys
+from engine.store.fastredis import Script
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +35,7 @@ EXIT_KILLED = 4
 CRASH_WINDOW_S = 5.0
 MAX_RESTART_DELAY_S = 30.0
 
-# KEYS: namespace. ARGV: dead broker id, queue names... Same moves as Dramatiq's maintenance.
-_RECOVER = """
-local ns = KEYS[1]
-local moved = 0
-for i = 2, #ARGV do
-  local queue = ARGV[i]
-  local acks = ns .. ':__acks__.' .. ARGV[1] .. '.' .. queue
-  local ids = redis.call('SMEMBERS', acks)
-  for _, id in ipairs(ids) do
-    if redis.call('HEXISTS', ns .. ':' .. queue .. '.msgs', id) == 1 then
-      redis.call('RPUSH', ns .. ':' .. queue, id)
-      moved = moved + 1
-    end
-  end
-  redis.call('DEL', acks)
-end
-redis.call('ZREM', ns .. ':__heartbeats__', ARGV[1])
-return moved
-"""
+_RECOVER = Script.load(__file__, "recover_acks.lua")
 
 
 @dataclass(slots=True)
@@ -158,7 +141,9 @@ class Supervisor:
                 socket_timeout=2,
             )
             try:
-                moved = client.eval(_RECOVER, 1, keys.QUEUE_NAMESPACE, child.broker_id, *queues)
+                moved = client.eval(
+                    _RECOVER.source, 1, keys.QUEUE_NAMESPACE, child.broker_id, *queues
+                )
             finally:
                 client.close()
         except Exception as exc:
@@ -172,7 +157,7 @@ class Supervisor:
 
 
 def _worker_main(settings: Settings, index: int, broker_id: str) -> int:
-    from engine.worker import run_worker  # imported after fork: nothing of it in the parent
+    from engine.broker.worker import run_worker  # imported after fork: nothing of it in the parent
 
     return run_worker(settings, index, broker_id)
 

@@ -15,7 +15,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from engine import telemetry, wire
+from engine import wire
 from engine.errors import (
     CAUnavailable,
     UpstreamError,
@@ -23,6 +23,7 @@ from engine.errors import (
     UpstreamRetryable,
     UpstreamTimeout,
 )
+from engine.metrics import prometheus
 from engine.settings import Settings
 
 
@@ -115,10 +116,10 @@ class TimelineClient:
             if status in (401, 403):
                 # The token may have been rotated: drop it and try once more with a new one.
                 self._tokens.drop()
-                telemetry.TOKEN_REFRESH.inc()
+                prometheus.TOKEN_REFRESH.inc()
                 status, body = await self._get(url, await self._tokens.get())
         finally:
-            telemetry.FETCH_DURATION.observe(time.perf_counter() - started)
+            prometheus.FETCH_DURATION.observe(time.perf_counter() - started)
         if status == 200:
             try:
                 return wire.timeline_page_decoder.decode(body).posts

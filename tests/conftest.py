@@ -31,8 +31,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from api import create_app
-from engine.fastredis import FastRedis
 from engine.settings import Settings
+from engine.store.fastredis import FastRedis
 from sandbox.config import SandboxSettings
 from sandbox.server import SandboxServer
 
@@ -67,7 +67,7 @@ def redis_url() -> Iterator[str]:
             pytest.fail(f"REDIS_URL={configured} does not answer PING", pytrace=False)
         yield url
         return
-    from engine.embedded import EmbeddedRedis
+    from prefetch.embedded import EmbeddedRedis
 
     try:
         server = EmbeddedRedis().start()

@@ -1,7 +1,7 @@
 """Helpers for the job-engine tests: real `prefetch worker` processes, a real sandbox, real Redis.
 
 Redis is the session's `redis_url` fixture (tests/conftest.py: REDIS_URL, the local default or
-an embedded Valkey). The supervisor runs as a subprocess (`python -m engine.cli worker`) in
+an embedded Valkey). The supervisor runs as a subprocess (`python -m prefetch.cli worker`) in
 its own session, on hot, warm and queue DBs 8, 9 and 14 (flushed before each test) and the
 metrics DB 15. The sandbox upstreams run in-process on free ports, on the test's event loop:
 tests wait with `wait_for` (which awaits), never with blocking sleeps, so the sandbox keeps
@@ -28,10 +28,10 @@ from typing import Any
 
 import aiohttp
 
-from engine import keys
-from engine.fastredis import FastRedis, Script
-from engine.jobs import JobQueue
+from engine.broker.jobs import JobQueue
 from engine.settings import Settings
+from engine.store import keys
+from engine.store.fastredis import FastRedis, Script
 from sandbox import SandboxServer, SandboxSettings
 
 DB_HOT, DB_WARM, DB_QUEUE, DB_METRICS = 8, 9, 14, 15
@@ -231,7 +231,7 @@ def spawn(role: str, env: dict[str, str], log_path: Path) -> EngineProcess:
     """Start `prefetch <role>` in its own session, output to `log_path` (never a pipe to fill)."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", role],
+            [sys.executable, "-m", "prefetch.cli", role],
             env=env,
             cwd=log_path.parent,  # no developer `.env` is read
             stdin=subprocess.DEVNULL,

@@ -9,9 +9,9 @@ import aiohttp
 import orjson
 import pytest
 
-from engine import keys
-from engine.fastredis import FastRedis
 from engine.settings import Settings
+from engine.store import keys
+from engine.store.fastredis import FastRedis
 from sandbox.config import SandboxSettings
 from sandbox.server import SandboxServer
 from tests.conftest import ApiClient, closed_port, eventually, new_user, serve_api

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from engine import keys
-from engine.fastredis import FastRedis
+from engine.store import keys
+from engine.store.fastredis import FastRedis
 from tests.conftest import ApiClient, new_user
 
 pytestmark = pytest.mark.timeout(30)

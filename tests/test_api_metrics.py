@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from engine import keys
-from engine.fastredis import FastRedis
+from engine.metrics.daily import utc_day
 from engine.settings import Settings
-from engine.stats import utc_day
+from engine.store import keys
+from engine.store.fastredis import FastRedis
 from tests.conftest import ApiClient, eventually, new_user, serve_api
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from engine import wire
-from engine.fastredis import FastRedis
-from engine.jobs import JobQueue
+from engine.broker.jobs import JobQueue
+from engine.store.fastredis import FastRedis
 from tests.conftest import ApiClient, new_user
 
 pytestmark = pytest.mark.timeout(30)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from engine import keys, wire
-from engine.cache import TimelineCache, compress, decompress
-from engine.fastredis import FastRedis
+from engine import wire
 from engine.settings import Settings
+from engine.store import keys
+from engine.store.cache import TimelineCache, compress, decompress
+from engine.store.fastredis import FastRedis
 from sandbox.timeline import generate_posts
 from tests.conftest import new_user
 

@@ -74,7 +74,7 @@ def test_dev_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path
     }  # no REDIS_URL / REDIS_HOST: the embedded server must come up
     started: dict[int, str] = {}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "dev"],
+        [sys.executable, "-m", "prefetch.cli", "dev"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -140,7 +140,7 @@ def test_api_workers_share_the_port_and_stop_together(tmp_path: Path, redis_url:
         "LOG_LEVEL": "warning",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "api"],
+        [sys.executable, "-m", "prefetch.cli", "api"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -16,10 +16,11 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from engine import keys, wire
-from engine.cache import decompress
+from engine import wire
+from engine.broker.jobs import FAILED_KEEP, new_job_id
 from engine.errors import Conflict, NotFound
-from engine.jobs import FAILED_KEEP, new_job_id
+from engine.store import keys
+from engine.store.cache import decompress
 from sandbox.timeline import MALFORMED_PREFIX, NOT_FOUND_PREFIX, UNAVAILABLE_PREFIX
 from tests.engine_support import Engine, holds_for, user, wait_for
 
@@ -84,7 +85,9 @@ async def test_a_backlog_waiting_when_workers_start_is_served_at_once(engine: En
         "the backlog",
     )
     stats = await wait_for(
-        lambda: _when(engine.jobs.stats(), lambda s: s["completed"] == len(users)), 5, "counts"
+        lambda: _when(engine.jobs.stats(), lambda s: s["completed"] == len(users)),
+        5,
+        "counts",
     )
     # No job ran before the worker's resources were open (that fails and retries later).
     assert (stats["delayed"], stats["failed"], stats["waiting"]) == (0, 0, 0)
@@ -253,7 +256,9 @@ async def test_a_second_schedule_is_deduplicated_unless_it_raises_the_priority(
     await wait_for(lambda: engine.count_cached("warm", [once]), 10, "the deduplicated job")
     await wait_for(lambda: engine.count_cached("hot", [upgraded]), 10, "the upgraded job")
     await wait_for(
-        lambda: _when(engine.jobs.stats(), lambda s: s["completed"] == 3), 10, "three jobs done"
+        lambda: _when(engine.jobs.stats(), lambda s: s["completed"] == 3),
+        10,
+        "three jobs done",
     )
     assert await engine.fetches(once) == 1
     for uid in (once, upgraded):

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from engine import keys
+from engine.store import keys
 from engine.supervisor import EXIT_KILLED, EXIT_OK
 from sandbox.timeline import SLOW_PREFIX  # answered after 60 s
 from tests.engine_support import (
@@ -295,7 +295,7 @@ async def test_a_crash_looping_worker_is_restarted_with_growing_delays(engine: E
 
 def test_a_malformed_worker_count_stops_the_supervisor_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "worker"],
+        [sys.executable, "-m", "prefetch.cli", "worker"],
         env=clean_env(PREFETCH_WORKER_COUNT="abc"),
         cwd=tmp_path,
         capture_output=True,

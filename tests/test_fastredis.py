@@ -1,4 +1,4 @@
-"""Tests of engine.fastredis against a real Redis (the session's: REDIS_URL or embedded Valkey).
+"""Tests of engine.store.fastredis against a real Redis (REDIS_URL or an embedded Valkey).
 
 Everything runs in db 15, flushed before each test. Tests that need a misbehaving server
 (refused, silent, unix socket) start their own in-process fakes.
@@ -20,7 +20,7 @@ import pytest_asyncio
 import uvloop
 
 from engine.errors import ConfigError, PrefetchError, RedisReplyError, RedisUnavailable
-from engine.fastredis import FastRedis, RedisAddress, Script
+from engine.store.fastredis import FastRedis, RedisAddress, Script
 
 pytestmark = pytest.mark.asyncio
 

@@ -121,7 +121,7 @@ def test_env_example_documents_every_variable_and_loads() -> None:
 @pytest.mark.parametrize("role", ["api", "worker", "sandbox", "dev"])
 def test_every_role_stops_with_one_line_on_a_bad_value(role: str, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", role],
+        [sys.executable, "-m", "prefetch.cli", role],
         env={"PATH": "/usr/bin:/bin", "PREFETCH_SERVICE_PORT": "abc"},
         cwd=tmp_path,
         capture_output=True,
@@ -137,7 +137,7 @@ def test_every_role_stops_with_one_line_on_a_bad_value(role: str, tmp_path: Path
 
 def test_a_bad_sandbox_knob_stops_the_process(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "sandbox"],
+        [sys.executable, "-m", "prefetch.cli", "sandbox"],
         env={"PATH": "/usr/bin:/bin", "SANDBOX_ERROR_RATE": "lots"},
         cwd=tmp_path,
         capture_output=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from engine import telemetry
 from engine.errors import (
     CAUnavailable,
     UpstreamError,
@@ -13,6 +12,7 @@ from engine.errors import (
     UpstreamRetryable,
     UpstreamTimeout,
 )
+from engine.metrics import prometheus
 from engine.settings import Settings
 from engine.upstream import CAClient, ServiceTokens, TimelineClient, make_session
 from sandbox.server import SandboxServer
@@ -20,7 +20,7 @@ from tests.conftest import closed_port, new_user
 
 
 def refreshes() -> float:
-    return telemetry.TOKEN_REFRESH._value.get()
+    return prometheus.TOKEN_REFRESH._value.get()
 
 
 async def test_an_issued_service_token_is_cached_and_renewed_once_after_rotation(

@@ -126,9 +126,9 @@ def _serve_api(settings: Settings) -> int:
 
 def run_dev(settings: Settings, env: dict[str, str]) -> int:
     """Everything on one machine: embedded Valkey, sandbox upstreams, supervisor and API."""
-    from engine.embedded import EmbeddedRedis
     from engine.process import set_title
     from engine.supervisor import run_supervisor
+    from prefetch.embedded import EmbeddedRedis
     from sandbox.server import run_sandbox
 
     set_title("prefetch: dev")

@@ -22,11 +22,11 @@ from dramatiq.asyncio import EventLoopThread, get_event_loop_thread, set_event_l
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AsyncIO, Retries, TimeLimit
 
-from engine import keys
-from engine.actors import RuntimeHolder, register_actors
+from engine.broker.actors import RuntimeHolder, register_actors
 from engine.process import set_title
 from engine.runtime import Runtime, open_runtime
 from engine.settings import Settings
+from engine.store import keys
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def make_broker(settings: Settings, broker_id: str | None = None) -> RedisBroker
         middleware=[
             TimeLimit(),
             # Only for unexpected errors (Redis lost mid-job): upstream failures retry in
-            # engine.actors with exact delays.
+            # engine.broker.actors with exact delays.
             Retries(max_retries=20, min_backoff=1_000, max_backoff=60_000),
             QuietAsyncIO(),
             RuntimeMiddleware(settings, holder),

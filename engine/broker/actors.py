@@ -16,8 +16,8 @@ from typing import Any
 import dramatiq
 
 from engine import wire
+from engine.broker.jobs import ACTOR_PRIORITY, QUEUES, actor_name
 from engine.errors import UpstreamError
-from engine.jobs import ACTOR_PRIORITY, QUEUES, actor_name
 from engine.prefetcher import PrefetchResult
 from engine.runtime import Runtime
 

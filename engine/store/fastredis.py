@@ -18,6 +18,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Final, Self, TypeAlias, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -47,6 +48,11 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    @classmethod
+    def load(cls, module_file: str, name: str) -> Script:
+        """The script in the `.lua` file `name` beside the module `module_file` (its __file__)."""
+        return cls((Path(module_file).parent / name).read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ from typing import Any
 
 import dramatiq
 
-from engine import keys, wire
+from engine import wire
 from engine.errors import Conflict, NotFound
-from engine.fastredis import FastRedis, Script
+from engine.store import keys
+from engine.store.fastredis import FastRedis, Script
 
 PRIORITY_RANK = {"low": 1, "medium": 2, "high": 3}
 QUEUES = {"high": "high", "medium": "medium", "low": "low"}
@@ -67,43 +68,11 @@ def encode_message(
     return queue, redis_id, message.encode()
 
 
-# KEYS: pending, queue list, queue msgs.  ARGV: jobId, rank, priority, delay, msg id, msg, ttl
-# Replies {created, jobId, priority, delay}; created 2: the id is the pending job's, retry.
-_SCHEDULE = Script(
-    """
-local cur = redis.call('HMGET', KEYS[1], 'jobId', 'rank', 'priority', 'delay')
-if cur[1] and tonumber(cur[2]) >= tonumber(ARGV[2]) then
-  return {0, cur[1], cur[3], cur[4]}
-end
-if cur[1] == ARGV[1] then
-  return {2, cur[1], cur[3], cur[4]}
-end
-redis.call('HSET', KEYS[1], 'jobId', ARGV[1], 'rank', ARGV[2], 'priority', ARGV[3],
-           'delay', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
-redis.call('RPUSH', KEYS[2], ARGV[5])
-return {1, ARGV[1], ARGV[3], ARGV[4]}
-"""
-)
+_SCHEDULE = Script.load(__file__, "schedule.lua")
 
-# KEYS: pending, counter.  ARGV: jobId.  Clears the user's pending mark if it is this job's.
-_FINISH = Script(
-    """
-if redis.call('HGET', KEYS[1], 'jobId') == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return redis.call('INCR', KEYS[2])
-"""
-)
+_FINISH = Script.load(__file__, "finish.lua")
 
-# KEYS: pending, counter, failed list.  ARGV: jobId, encoded FailedJob, how many to keep.
-_FAIL = Script(
-    """
-if redis.call('HGET', KEYS[1], 'jobId') == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('LPUSH', KEYS[3], ARGV[2])
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
-return redis.call('INCR', KEYS[2])
-"""
-)
+_FAIL = Script.load(__file__, "fail.lua")
 
 
 @dataclass(frozen=True, slots=True)

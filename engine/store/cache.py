@@ -12,22 +12,15 @@ import gzip
 import zlib
 from dataclasses import dataclass
 
-from engine import keys
-from engine.fastredis import FastRedis, Script
 from engine.settings import Settings
+from engine.store import keys
+from engine.store.fastredis import FastRedis, Script
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Generations outlive any fetch by far; expiring them keeps idle users from costing memory.
 GENERATION_TTL_MS = 3_600_000
 
-_GUARDED_SET = Script(
-    """
-local g = redis.call('GET', KEYS[2])
-if (g or '') ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-)
+_GUARDED_SET = Script.load(__file__, "guarded_set.lua")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from engine import keys
-from engine.fastredis import FastRedis
+from engine.store import keys
+from engine.store.fastredis import FastRedis
 
 log = logging.getLogger(__name__)
 

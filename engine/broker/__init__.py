@@ -1,0 +1,1 @@
+"""The job engine's queue side: scheduling, Dramatiq actors and the worker process."""

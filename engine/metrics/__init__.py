@@ -1,0 +1,1 @@
+"""Counters: per-day service metrics in Redis (`daily`) and Prometheus (`prometheus`)."""
