@@ -1,15 +1,40 @@
 """Every Redis key of the service, in one place.
 
 All keys start with `prefetch:` and name their tier or role, so the service works when every
-DB number is the same (a managed Redis with one DB). The user id sits in a `{...}` hash tag so
-that the keys of one user share a Cluster slot (the invalidation guard reads two of them in
-one script).
+DB number is the same (a managed Redis with one DB, or a Redis Cluster).
+
+Per-user keys carry the hash tag of the user's *shard* (`{s<n>}`, n = crc32(user id) mod
+SHARDS), not of the user: a user's tiers and generation share a Cluster slot, and so do the
+per-shard indexes that cover that user (the strategies' expiry and activity indexes). A store
+script can then write an entry and its index entry in one atomic step on a single Redis and on
+a Cluster alike, and no cross-user index sits on one hot slot. SHARDS is part of the layout:
+changing it orphans every key written before (a cache: they expire).
 """
 
 from __future__ import annotations
 
+import zlib
+
 PREFIX = "prefetch"
 TIERS = ("hot", "warm")
+# Key shards: enough for an even spread over the slots of a large Cluster, few enough that a
+# scheduler tick can visit every shard's index in one pipelined round trip.
+SHARDS = 1024
+
+
+def shard_of(user_id: str) -> int:
+    """The user's key shard, 0 <= n < SHARDS (stable across processes and hosts)."""
+    return zlib.crc32(user_id.encode()) % SHARDS
+
+
+def shard_tag(shard: int) -> str:
+    """The Cluster hash tag of a shard: every key that carries it lives in one slot."""
+    return f"{{s{shard}}}"
+
+
+def _user(user_id: str) -> str:
+    return f"{shard_tag(shard_of(user_id))}:{user_id}"
+
 
 # Dramatiq's RedisBroker namespace: its keys become `prefetch:queue:<queue>`, `...msgs`, etc.
 QUEUE_NAMESPACE = f"{PREFIX}:queue"
@@ -17,12 +42,12 @@ QUEUE_NAMESPACE = f"{PREFIX}:queue"
 
 def timeline(tier: str, user_id: str) -> str:
     """The cached response body of GET /api/cache/{userId} in one tier."""
-    return f"{PREFIX}:{tier}:timeline:{{{user_id}}}"
+    return f"{PREFIX}:{tier}:timeline:{_user(user_id)}"
 
 
 def generation(tier: str, user_id: str) -> str:
     """Bumped by every invalidation; a write whose fetch started under an older value is dropped."""
-    return f"{PREFIX}:{tier}:gen:{{{user_id}}}"
+    return f"{PREFIX}:{tier}:gen:{_user(user_id)}"
 
 
 def timeline_pattern(tier: str) -> str:
@@ -32,7 +57,7 @@ def timeline_pattern(tier: str) -> str:
 
 def pending_job(user_id: str) -> str:
     """Hash {jobId, priority} of the user's job that is queued and not yet finished."""
-    return f"{PREFIX}:jobs:pending:{{{user_id}}}"
+    return f"{PREFIX}:jobs:pending:{_user(user_id)}"
 
 
 FAILED_JOBS = f"{PREFIX}:jobs:failed"  # list of encoded FailedJob, newest first, at most 50
@@ -55,7 +80,7 @@ ACTIVITY = f"{PREFIX}:activity:last"  # zset user id -> last active (epoch ms)
 
 def activity_count(user_id: str) -> str:
     """How often a user was active within the window (recency and frequency rank users)."""
-    return f"{PREFIX}:activity:count:{{{user_id}}}"
+    return f"{PREFIX}:activity:count:{_user(user_id)}"
 
 
 def metrics_day(day: str) -> str:
