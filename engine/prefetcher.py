@@ -60,12 +60,15 @@ class Prefetcher:
         self._flights: dict[str, asyncio.Future[bytes]] = {}
 
     async def prefetch(
-        self, user_id: str, priority: str, *, count_cached: bool = False
+        self, user_id: str, priority: str, *, force: bool = False, count_cached: bool = False
     ) -> PrefetchResult:
-        """Make sure the user has a fresh entry in the tier of `priority`; raises UpstreamError."""
+        """Make sure the user has a fresh entry in the tier of `priority`; raises UpstreamError.
+
+        A fresh hot entry makes it a no-op unless `force` (an event changed the timeline).
+        """
         started = time.perf_counter()
         tier = tier_of(priority)
-        ticket = await self.cache.begin(user_id, tier)
+        ticket = await self.cache.begin(user_id, tier, check_hot=not force)
         if ticket.hot_fresh:
             count = await self._hot_count(user_id) if count_cached else 0
             return PrefetchResult(True, True, "hot", count, _ms_since(started))
@@ -80,9 +83,9 @@ class Prefetcher:
         try:
             result = await self.prefetch(user_id, priority, count_cached=True)
         except Exception:
-            self.record(False, started)
+            self.record(False, started, "immediate")
             raise
-        self.record(True, started)
+        self.record(True, started, "immediate")
         return result
 
     async def read_through(self, user_id: str) -> bytes:
@@ -106,15 +109,15 @@ class Prefetcher:
             stored = wire.cached_body(posts, fetched_at, "warm", cached=True)
             await self.cache.store("warm", user_id, self.cache.encode(stored), ticket)
         except Exception:
-            self.record(False, started)
+            self.record(False, started, "read-through")
             raise
-        self.record(True, started)
+        self.record(True, started, "read-through")
         return wire.cached_body(posts, fetched_at, "warm", cached=False)
 
-    def record(self, ok: bool, started: float) -> None:
-        """Count one finished prefetch operation in the daily stats and Prometheus."""
+    def record(self, ok: bool, started: float, origin: str) -> None:
+        """Count one finished prefetch operation, started by `origin`, in the stats."""
         elapsed = time.perf_counter() - started
-        self.stats.prefetch(ok, elapsed * 1000)
+        self.stats.prefetch(ok, elapsed * 1000, origin)
         prometheus.QUEUE_DURATION.observe(elapsed)
         (prometheus.JOB_COMPLETED if ok else prometheus.JOB_FAILED).inc()
 

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from engine import wire
-from engine.broker.jobs import FAILED_KEEP, new_job_id
+from engine.broker.jobs import FAILED_KEEP, Fence, new_job_id
 from engine.errors import Conflict, NotFound
 from engine.store import keys
 from engine.store.cache import decompress
@@ -363,3 +363,38 @@ async def test_a_batch_message_prefetches_every_user_and_settles_each_failure(
     for uid in good[:10]:
         assert await engine.fetches(uid) == 1
     assert engine.error_lines() == []
+
+
+async def test_a_fenced_batch_lands_only_while_the_fence_holds(engine: Engine) -> None:
+    fence = Fence("prefetch:test:fence", "leader-1:7")
+    refused = await engine.jobs.schedule_batch([user()], "medium", origin="activity", fence=fence)
+    assert refused is None
+    assert (await engine.jobs.stats())["waiting"] == 0
+
+    await engine.queue.execute("SET", fence.key, "leader-2:8")
+    assert await engine.jobs.schedule_batch([user()], "medium", fence=fence) is None
+    await engine.queue.execute("SET", fence.key, fence.value)
+    landed = await engine.jobs.schedule_batch([user()], "medium", origin="activity", fence=fence)
+    assert landed is not None and landed.startswith("batch:")
+    assert (await engine.jobs.stats())["waiting"] == 1
+
+
+async def test_a_forced_job_refreshes_a_fresh_hot_entry_and_a_plain_one_does_not(
+    engine: Engine,
+) -> None:
+    await engine.start_worker()
+    uid = user()
+    await engine.jobs.schedule(uid, "high")
+    await wait_for(lambda: engine.count_cached("hot", [uid]), 10, "the first fetch in hot")
+    await wait_for(
+        lambda: _when(engine.jobs.stats(), lambda s: s["completed"] == 1), 5, "first completion"
+    )
+
+    await engine.jobs.schedule(uid, "high")  # a fresh hot entry: a no-op
+    await wait_for(
+        lambda: _when(engine.jobs.stats(), lambda s: s["completed"] == 2), 5, "the no-op job"
+    )
+    assert await engine.fetches(uid) == 1
+
+    await engine.jobs.schedule(uid, "high", origin="event", force=True)
+    await wait_for(lambda: _when(engine.fetches(uid), lambda n: n == 2), 5, "the forced refetch")

@@ -42,16 +42,25 @@ def backoff_ms(runtime: Runtime, attempt: int) -> int:
 
 
 async def run_job(
-    runtime: Runtime, priority: str, user_id: str, job_id: str, attempt: int = 1
+    runtime: Runtime,
+    priority: str,
+    user_id: str,
+    job_id: str,
+    attempt: int = 1,
+    *,
+    origin: str = "schedule",
+    force: bool = False,
 ) -> None:
     """One attempt of one user's prefetch; acknowledged by Dramatiq when this returns."""
     started = time.perf_counter()
     try:
-        await runtime.prefetcher.prefetch(user_id, priority)
+        await runtime.prefetcher.prefetch(user_id, priority, force=force)
     except UpstreamError as exc:
-        await settle_failure(runtime, priority, user_id, job_id, attempt, exc, started)
+        await settle_failure(
+            runtime, priority, user_id, job_id, attempt, exc, started, origin=origin, force=force
+        )
         return
-    runtime.prefetcher.record(True, started)
+    runtime.prefetcher.record(True, started, origin)
     await runtime.jobs.complete(user_id, job_id)
 
 
@@ -63,13 +72,18 @@ async def settle_failure(
     attempt: int,
     exc: UpstreamError,
     started: float,
+    *,
+    origin: str,
+    force: bool,
 ) -> None:
     """Schedule the next attempt, or record the job as failed for good."""
     if exc.retryable and attempt < runtime.settings.prefetch_max_attempts:
         delay = backoff_ms(runtime, attempt)
-        await runtime.jobs.requeue(user_id, job_id, priority, attempt + 1, delay)
+        await runtime.jobs.requeue(
+            user_id, job_id, priority, attempt + 1, delay, origin=origin, force=force
+        )
         return
-    runtime.prefetcher.record(False, started)
+    runtime.prefetcher.record(False, started, origin)
     await runtime.jobs.fail(
         wire.FailedJob(
             id=job_id,
@@ -82,13 +96,21 @@ async def settle_failure(
     )
 
 
-async def run_batch(runtime: Runtime, priority: str, user_ids: list[str], batch_id: str) -> None:
+async def run_batch(
+    runtime: Runtime,
+    priority: str,
+    user_ids: list[str],
+    batch_id: str,
+    *,
+    origin: str = "schedule",
+    force: bool = False,
+) -> None:
     """Prefetch many users under one message; each failure is settled as its own job."""
     started = time.perf_counter()
 
     async def one(user_id: str) -> PrefetchResult:
         async with runtime.batch_slots:
-            return await runtime.prefetcher.prefetch(user_id, priority)
+            return await runtime.prefetcher.prefetch(user_id, priority, force=force)
 
     outcomes = await asyncio.gather(*(one(user_id) for user_id in user_ids), return_exceptions=True)
     unexpected: list[BaseException] = []
@@ -97,12 +119,14 @@ async def run_batch(runtime: Runtime, priority: str, user_ids: list[str], batch_
     for user_id, outcome in zip(user_ids, outcomes, strict=True):
         if isinstance(outcome, UpstreamError):
             job_id = f"prefetch:{user_id}:{millis}"
-            await settle_failure(runtime, priority, user_id, job_id, 1, outcome, started)
+            await settle_failure(
+                runtime, priority, user_id, job_id, 1, outcome, started, origin=origin, force=force
+            )
         elif isinstance(outcome, BaseException):
             unexpected.append(outcome)
         else:
             done += 1
-            runtime.prefetcher.record(True, started)
+            runtime.prefetcher.record(True, started, origin)
     await runtime.jobs.count_completed(done)
     if unexpected:
         # Redis went away mid-batch: let Dramatiq retry the message (done users are no-ops
@@ -134,8 +158,8 @@ def register_actors(broker: dramatiq.Broker, holder: RuntimeHolder) -> None:
 def _bind(
     holder: RuntimeHolder, fn: Callable[..., Awaitable[None]], priority: str
 ) -> Callable[..., Awaitable[None]]:
-    async def actor(*args: Any) -> None:
-        await fn(holder.get(), priority, *args)
+    async def actor(*args: Any, **kwargs: Any) -> None:
+        await fn(holder.get(), priority, *args, **kwargs)
 
     actor.__name__ = f"{fn.__name__}_{priority}"
     actor.__qualname__ = actor.__name__

@@ -21,6 +21,8 @@ from engine.store import keys
 from engine.store.fastredis import FastRedis, Script
 
 PRIORITY_RANK = {"low": 1, "medium": 2, "high": 3}
+# What started a prefetch: counted per origin in the metrics (GET /api/prefetch/metrics).
+ORIGINS = ("schedule", "immediate", "read-through", "activity", "event", "predictive")
 QUEUES = {"high": "high", "medium": "medium", "low": "low"}
 # Dramatiq runs lower numbers first when several messages wait in a worker's memory.
 ACTOR_PRIORITY = {"high": 0, "medium": 10, "low": 20}
@@ -53,8 +55,27 @@ def _next_job_id(job_id: str) -> str:
     return f"{head}:{int(millis) + 1}"
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """An enqueue fence: the message lands only while `key` holds `value` (a leader lease)."""
+
+    key: str
+    value: str
+
+
+def job_kwargs(origin: str, force: bool) -> dict[str, Any]:
+    """The keyword arguments every prefetch message carries to its actor."""
+    if origin not in ORIGINS:
+        raise ValueError(f"unknown prefetch origin {origin!r}")
+    return {"origin": origin, "force": force}
+
+
 def encode_message(
-    queue: str, actor: str, args: tuple[Any, ...], delay_ms: int
+    queue: str,
+    actor: str,
+    args: tuple[Any, ...],
+    delay_ms: int,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, str, bytes]:
     """(queue to push on, redis message id, encoded message) as Dramatiq's broker would write."""
     redis_id = str(uuid.uuid4())
@@ -63,7 +84,7 @@ def encode_message(
         queue = f"{queue}.DQ"
         options["eta"] = int(time.time() * 1000) + delay_ms
     message: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name=queue, actor_name=actor, args=args, kwargs={}, options=options
+        queue_name=queue, actor_name=actor, args=args, kwargs=kwargs or {}, options=options
     )
     return queue, redis_id, message.encode()
 
@@ -73,6 +94,8 @@ _SCHEDULE = Script.load(__file__, "schedule.lua")
 _FINISH = Script.load(__file__, "finish.lua")
 
 _FAIL = Script.load(__file__, "fail.lua")
+
+_PUSH = Script.load(__file__, "push.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +116,24 @@ class JobQueue:
         self._redis = redis
 
     async def schedule(
-        self, user_id: str, priority: str, delay_ms: int = 0, job_id: str | None = None
+        self,
+        user_id: str,
+        priority: str,
+        delay_ms: int = 0,
+        job_id: str | None = None,
+        *,
+        origin: str = "schedule",
+        force: bool = False,
     ) -> Scheduled:
-        """Enqueue a prefetch unless the user has a pending job of equal or higher priority."""
+        """Enqueue a prefetch unless the user has a pending job of equal or higher priority.
+
+        `force`: the job refreshes the entry even when a fresh hot one exists (events).
+        """
         job_id = job_id or new_job_id(user_id)
+        kwargs = job_kwargs(origin, force)
         while True:
             queue, redis_id, data = encode_message(
-                QUEUES[priority], actor_name(priority), (user_id, job_id), delay_ms
+                QUEUES[priority], actor_name(priority), (user_id, job_id), delay_ms, kwargs
             )
             reply = await self._redis.evalsha_or_eval(
                 _SCHEDULE,
@@ -133,34 +167,65 @@ class JobQueue:
         )
 
     async def requeue(
-        self, user_id: str, job_id: str, priority: str, attempt: int, delay_ms: int
+        self,
+        user_id: str,
+        job_id: str,
+        priority: str,
+        attempt: int,
+        delay_ms: int,
+        *,
+        origin: str = "schedule",
+        force: bool = False,
     ) -> None:
         """Enqueue the next attempt of a job that failed in a retryable way (no dedup check)."""
         queue, redis_id, data = encode_message(
-            QUEUES[priority], actor_name(priority), (user_id, job_id, attempt), delay_ms
+            QUEUES[priority],
+            actor_name(priority),
+            (user_id, job_id, attempt),
+            delay_ms,
+            job_kwargs(origin, force),
         )
         await self._push(queue, redis_id, data)
 
-    async def _push(self, queue: str, redis_id: str, data: bytes) -> None:
-        """Write a message as Dramatiq's enqueue does: its body, then its id on the queue."""
-        replies = await self._redis.pipeline(
-            [
-                ("HSET", keys.queue_list(queue) + ".msgs", redis_id, data),
-                ("RPUSH", keys.queue_list(queue), redis_id),
-            ]
-        )
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+    async def _push(
+        self, queue: str, redis_id: str, data: bytes, fence: Fence | None = None
+    ) -> bool:
+        """Write a message as Dramatiq's enqueue does: its body, then its id on the queue.
 
-    async def schedule_batch(self, user_ids: list[str], priority: str) -> str:
-        """Enqueue one message that prefetches many users (strategies use it)."""
+        With a `fence`, nothing is written unless the fence key holds its value, in the same
+        atomic step; returns whether the message was written.
+        """
+        fence_keys = [fence.key] if fence is not None else []
+        fence_args = [fence.value] if fence is not None else []
+        written = await self._redis.evalsha_or_eval(
+            _PUSH,
+            [keys.queue_list(queue), keys.queue_list(queue) + ".msgs", *fence_keys],
+            [redis_id, data, *fence_args],
+        )
+        return bool(written == 1)
+
+    async def schedule_batch(
+        self,
+        user_ids: list[str],
+        priority: str,
+        *,
+        origin: str = "schedule",
+        force: bool = False,
+        fence: Fence | None = None,
+    ) -> str | None:
+        """Enqueue one message that prefetches many users (strategies use it).
+
+        Returns the batch id, or None when `fence` refused the enqueue (a stale leader).
+        """
         batch_id = f"batch:{uuid.uuid4()}"
         queue, redis_id, data = encode_message(
-            QUEUES[priority], actor_name(priority, batch=True), (user_ids, batch_id), 0
+            QUEUES[priority],
+            actor_name(priority, batch=True),
+            (user_ids, batch_id),
+            0,
+            job_kwargs(origin, force),
         )
-        await self._push(queue, redis_id, data)
-        return batch_id
+        return batch_id if await self._push(queue, redis_id, data, fence) else None
 
     async def stats(self) -> dict[str, Any]:
         """The queue's counts, read in one pipeline."""

@@ -56,10 +56,11 @@ class StatsRecorder:
     def miss(self) -> None:
         self._tally["misses"] += 1
 
-    def prefetch(self, ok: bool, duration_ms: float) -> None:
-        """One prefetch operation finished (whatever started it)."""
+    def prefetch(self, ok: bool, duration_ms: float, origin: str) -> None:
+        """One prefetch operation finished; `origin` is what started it (jobs.ORIGINS)."""
         tally = self._tally
         tally["totalJobs"] += 1
+        tally[f"origin:{origin}"] += 1
         tally["successful" if ok else "failed"] += 1
         tally["durationMs"] += round(duration_ms)
         tally[_bucket(duration_ms)] += 1
