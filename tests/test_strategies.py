@@ -262,3 +262,23 @@ async def test_a_forced_schedule_is_not_swallowed_by_a_pending_plain_job(
     assert (await jobs.schedule(user, "high", origin="event", force=True)).deduplicated
     assert (await jobs.schedule(user, "medium")).jobId == forced.jobId
     assert (await jobs.stats())["byPriority"]["high"]["waiting"] == 2
+
+
+async def test_an_entry_stored_after_the_claim_ends_it(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings, hot_ttl_ms=30_000)  # shorter than a tick's horizon
+    now = wall_clock_ms()
+    user = new_user()
+    await record_activity(redis_roles["metrics"], s, [user], now)
+    scheduler = scheduler_for(s, redis_roles)
+    assert (await scheduler.tick(now)).selected == {"activity": 1}
+    # Stored before the claim was made (an older entry): the batch is still in flight.
+    await store_at(s, redis_roles, user, "hot", now - 1)
+    assert (await scheduler.tick(now + 1_000)).selected == {}
+    # Stored after: the batch landed, and its entry expires before the next tick's horizon.
+    await store_at(s, redis_roles, user, "hot", now + 1_000)
+    report = await scheduler.tick(now + 2_000)
+    assert report.selected == {"activity": 1}
+    batches = [b for b in await queued_batches(redis_roles["queue"]) if b.force]
+    assert [b.users for b in batches] == [[user]]

@@ -15,7 +15,8 @@ ACTIVITY_CHECK_INTERVAL with the lease as fence):
    with `force` (a fresh hot entry about to expire must be refetched, not skipped);
 5. batches of PREFETCH_BATCH_SIZE go through the batch actor, fenced by the lease; each
    landed batch claims its users for two intervals (no re-enqueue while it is in flight; a
-   batch that failed is retried after that);
+   batch that failed is retried after that); an entry stored after the claim was made ends
+   it (the batch landed);
 6. usefulness.sweep trims passed index members and counts expired unread prefetches.
 """
 
@@ -156,7 +157,8 @@ class Scheduler:
         horizon = self.horizon(now_ms)
         wanted = await asyncio.gather(*(s.select(now_ms, horizon) for s in self.strategies))
         every = {c.user for candidates in wanted for c in candidates}
-        covered, claimed = await self._coverage(every)
+        covered, stored, claimed = await self._coverage(every)
+        claim_ms = self.claim_ms
         taken: set[str] = set()
         batches: list[Batch] = []
         size = self._settings.batch_size
@@ -164,8 +166,11 @@ class Scheduler:
             report.candidates[strategy.origin] = len(candidates)
             keep = []
             for c in candidates:
-                if c.user in taken or claimed.get(c.user, 0) > now_ms:
+                if c.user in taken:
                     continue
+                until = claimed.get(c.user, 0)
+                if until > now_ms and stored.get(c.user, 0) < until - claim_ms:
+                    continue  # its batch is still in flight
                 if covered.get(c.user, 0) >= horizon:
                     continue
                 taken.add(c.user)
@@ -215,11 +220,14 @@ class Scheduler:
             )
         return report
 
-    async def _coverage(self, users: set[str]) -> tuple[dict[str, float], dict[str, float]]:
-        """(until when each user's entries cover it, until when it is claimed), epoch ms."""
+    async def _coverage(
+        self, users: set[str]
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """For each user, epoch ms: until when its entries cover it, when the newest of them
+        was stored (expiry minus its tier's TTL) and until when it is claimed."""
         groups = list(by_shard(users).items())
         if not groups:
-            return {}, {}
+            return {}, {}, {}
 
         async def scores(role: str, key_of: Any) -> list[Any]:
             return await commands(
@@ -231,13 +239,20 @@ class Scheduler:
             scores("warm", lambda s: keys.expiry_index("warm", s)),
             scores("queue", keys.strategy_claims),
         )
+        hot_ttl, warm_ttl = self._settings.hot_ttl_ms, self._settings.warm_ttl_ms
         covered: dict[str, float] = {}
+        stored: dict[str, float] = {}
         claimed: dict[str, float] = {}
         for (_, members), h, w, c in zip(groups, hot, warm, claims, strict=True):
             for user, hs, ws, cs in zip(members, h, w, c, strict=True):
-                best = max(float(hs) if hs is not None else 0, float(ws) if ws is not None else 0)
-                if best:
-                    covered[user] = best
+                if hs is not None or ws is not None:
+                    until_hot = float(hs) if hs is not None else 0.0
+                    until_warm = float(ws) if ws is not None else 0.0
+                    covered[user] = max(until_hot, until_warm)
+                    stored[user] = max(
+                        until_hot - hot_ttl if hs is not None else 0.0,
+                        until_warm - warm_ttl if ws is not None else 0.0,
+                    )
                 if cs is not None:
                     claimed[user] = float(cs)
-        return covered, claimed
+        return covered, stored, claimed
