@@ -1,9 +1,10 @@
 """Batched activity recording: who read a timeline (or was reported active) lately.
 
-The read path only adds a user id to an in-memory set; a background task writes the set to
-Redis once a second in one pipeline: ZADD of the activity zset (user -> last active, epoch
-ms) and an INCR of the user's activity counter, which expires after the activity window.
-The activity strategy ranks users by both. Recording therefore costs no round trip per read.
+The read path only adds a user id to an in-memory set (and, for a cache hit, notes the tier
+that served it); a background task hands the sets to the strategies once a second: one
+script per key shard records the users in the sharded activity indexes (and app opens in the
+predictive profile), and one per shard and tier counts the hits that used a prefetched entry
+(engine.strategies.usefulness). Recording therefore costs no round trip per read.
 """
 
 from __future__ import annotations
@@ -11,36 +12,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
-from typing import Any
 
-from engine.store import keys
-from engine.store.fastredis import FastRedis
+from engine.runtime import Runtime
+from engine.store.cache import wall_clock_ms
+from engine.strategies.activity import record_activity
+from engine.strategies.usefulness import count_reads
 
 log = logging.getLogger(__name__)
 
-# One ZADD per this many members keeps a single reply (and Redis's blocking time) small.
-ZADD_CHUNK = 1000
 # While Redis is down pending ids are kept; past this many, new ones are dropped (the set
 # only grows with distinct users, but a long outage must not grow it without bound).
 MAX_PENDING = 200_000
 
 
 class ActivityBatcher:
-    """Collects active user ids and flushes them to Redis every `interval_s`."""
+    """Collects active user ids (and cache hits by tier) and flushes them every `interval_s`."""
 
-    def __init__(self, redis: FastRedis, window_ms: int, interval_s: float = 1.0) -> None:
-        self._redis = redis
-        self._window_ms = window_ms
+    def __init__(self, runtime: Runtime, interval_s: float = 1.0) -> None:
+        self._runtime = runtime
         self._interval = interval_s
         self._pending: set[str] = set()
+        self._served: dict[str, set[str]] = {"hot": set(), "warm": set()}
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, user_id: str) -> None:
-        """Note one user as active now."""
+    def add(self, user_id: str, tier: str | None = None) -> None:
+        """Note one user as active now; `tier`: a cache hit in that tier served it."""
         if len(self._pending) < MAX_PENDING:
             self._pending.add(user_id)
+            if tier is not None:
+                self._served[tier].add(user_id)
 
     def add_many(self, user_ids: Iterable[str]) -> int:
         """Note several users as active now; return how many distinct ids were given."""
@@ -57,30 +58,24 @@ class ActivityBatcher:
         return user_id in self._pending
 
     async def flush(self) -> None:
-        """Write the pending ids in one pipeline; keep them for the next try if Redis fails."""
+        """Record the pending ids; keep them for the next try if Redis fails."""
         if not self._pending:
             return
         users, self._pending = self._pending, set()
-        now_ms = int(time.time() * 1000)
-        ordered = list(users)
-        commands: list[tuple[Any, ...]] = []
-        for start in range(0, len(ordered), ZADD_CHUNK):
-            chunk = ordered[start : start + ZADD_CHUNK]
-            members: list[Any] = []
-            for user in chunk:
-                members += (now_ms, user)
-            commands.append(("ZADD", keys.ACTIVITY, *members))
-        for user in ordered:
-            counter = keys.activity_count(user)
-            commands.append(("INCR", counter))
-            commands.append(("PEXPIRE", counter, self._window_ms))
+        served, self._served = self._served, {"hot": set(), "warm": set()}
+        runtime = self._runtime
         try:
-            replies = await self._redis.pipeline(commands)
+            await asyncio.gather(
+                record_activity(runtime.redis["metrics"], runtime.settings, users, wall_clock_ms()),
+                count_reads(runtime.redis, served, runtime.stats),
+            )
         except Exception:
+            # Recording again is harmless (a later time, one more count). Hits are offered
+            # again too: a mark cleared (and counted) already is not found a second time.
             self.add_many(users)
+            for tier, hit in served.items():
+                self._served[tier] |= hit
             raise
-        if any(isinstance(reply, Exception) for reply in replies):
-            log.warning("activity flush: some commands were refused: %r", replies[:3])
 
     async def _loop(self) -> None:
         while True:

@@ -43,7 +43,7 @@ def setup_activity(app: web.Application) -> None:
     """The activity batcher, flushing to the metrics DB once a second."""
 
     async def activity_context(app: web.Application) -> AsyncIterator[None]:
-        batcher = ActivityBatcher(app[RUNTIME].redis["metrics"], app[SETTINGS].activity_window_ms)
+        batcher = ActivityBatcher(app[RUNTIME])
         batcher.start()
         app[ACTIVITY] = batcher
         try:

@@ -65,7 +65,7 @@ async def get_timeline(request: web.Request) -> web.Response:
         tier, stored = found
         runtime.stats.hit(tier)
         (prometheus.HOT_HIT if tier == "hot" else prometheus.WARM_HIT).inc()
-        app[ACTIVITY].add(user)
+        app[ACTIVITY].add(user, tier)
         return _timeline_response(request, stored)
     runtime.stats.miss()
     prometheus.CACHE_MISSES.inc()

@@ -23,6 +23,8 @@ from engine.errors import PrefetchError
 from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.fastredis import FastRedis
+from engine.strategies.leader import leader_status
+from engine.strategies.sidecar import scheduler_wanted
 
 CHECK_TIMEOUT_S = 2.0
 MEMORY_PRESSURE_MB = 400
@@ -101,6 +103,15 @@ async def _queue_check(request: web.Request) -> dict[str, Any]:
     }
 
 
+async def _scheduler_check(request: web.Request) -> dict[str, Any]:
+    """Who leads the strategy scheduler and its last tick. Informational: an API process
+    cannot tell whether a scheduler should run, so it never changes the overall status."""
+    if not scheduler_wanted(request.app[SETTINGS]):
+        return {"status": "disabled"}
+    found = await leader_status(request.app[RUNTIME].redis["queue"])
+    return {"status": "leading" if found["leader"] else "no-leader", **found}
+
+
 async def _redis_checks(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
     runtime, settings = request.app[RUNTIME], request.app[SETTINGS]
     hot, warm = await asyncio.gather(
@@ -113,12 +124,13 @@ async def _redis_checks(request: web.Request) -> tuple[dict[str, Any], dict[str,
 async def health(request: web.Request) -> web.Response:
     """GET /health: every check, and the overall status they add up to."""
     runtime = request.app[RUNTIME]
-    (hot, warm), timeline, ca, memory, queue = await asyncio.gather(
+    (hot, warm), timeline, ca, memory, queue, scheduler = await asyncio.gather(
         _redis_checks(request),
         _bounded(runtime.timeline.health()),
         _bounded(runtime.ca.health()),
         _bounded(_memory_check()),
         _bounded(_queue_check(request)),
+        _bounded(_scheduler_check(request)),
     )
     checks = {
         "hotCache": hot,
@@ -127,6 +139,7 @@ async def health(request: web.Request) -> web.Response:
         "ca": ca,
         "memory": memory,
         "queue": queue,
+        "scheduler": scheduler,
     }
     if any(check["status"] != "connected" for check in (hot, warm)):
         status, code = "unhealthy", 503

@@ -17,7 +17,8 @@ from api.responses import iso_now, success
 from engine.errors import BadRequest
 from engine.metrics import daily
 from engine.runtime import Runtime
-from engine.store import keys
+from engine.strategies.activity import active_since
+from engine.strategies.leader import leader_status
 
 EVENT_TYPES = frozenset(
     {"post.created", "post.updated", "post.deleted", "follow.created", "follow.deleted"}
@@ -62,7 +63,10 @@ async def immediate(request: web.Request) -> web.Response:
 async def queue_stats(request: web.Request) -> web.Response:
     """GET /api/prefetch/queue/stats."""
     await _authorize(request, "read")
-    return success(await request.app[RUNTIME].jobs.stats())
+    runtime = request.app[RUNTIME]
+    data = await runtime.jobs.stats()
+    data["scheduler"] = await leader_status(runtime.redis["queue"])
+    return success(data)
 
 
 async def queue_failed(request: web.Request) -> web.Response:
@@ -133,18 +137,23 @@ def _event_users(body: dict[str, Any]) -> list[str]:
 async def _wanted(runtime: Runtime, batcher: ActivityBatcher, users: list[str]) -> list[bool]:
     """For each user: is there an entry in either tier, or was the user active lately?"""
     since_ms = time.time() * 1000 - runtime.settings.activity_window_ms
-    cached, scores = await asyncio.gather(
+    cached, active = await asyncio.gather(
         asyncio.gather(*(runtime.cache.exists(user) for user in users)),
-        runtime.redis["metrics"].execute("ZMSCORE", keys.ACTIVITY, *users),
+        active_since(runtime.redis["metrics"], users, int(since_ms)),
     )
     return [
-        has_entry or batcher.is_pending(user) or (score is not None and float(score) >= since_ms)
-        for user, has_entry, score in zip(users, cached, scores, strict=True)
+        has_entry or is_active or batcher.is_pending(user)
+        for user, has_entry, is_active in zip(users, cached, active, strict=True)
     ]
 
 
 async def events(request: web.Request) -> web.Response:
-    """POST /api/prefetch/events: refresh wanted timelines (high priority), drop the others."""
+    """POST /api/prefetch/events: refresh wanted timelines (forced, high), drop the others.
+
+    A wanted user keeps being served the old entry until the refresh lands (a forced job
+    overwrites even a fresh hot entry); if the upstream fails, the old entry stays. Only
+    users nobody will read (no entry, not active) are invalidated.
+    """
     await _authorize(request, "write")
     users = _event_users(await validation.json_body(request))
     if not request.app[SETTINGS].enable_event_triggered:
@@ -153,12 +162,13 @@ async def events(request: web.Request) -> web.Response:
         return success({"refreshed": 0, "invalidated": 0}, 202)
     runtime = request.app[RUNTIME]
     wanted = await _wanted(runtime, request.app[ACTIVITY], users)
-    # Every affected entry is stale now. Refreshed users are invalidated too: a fresh hot
-    # entry would make their high-priority job a no-op and keep the stale timeline served.
-    await asyncio.gather(*(runtime.cache.invalidate(user) for user in users))
     refresh = [user for user, want in zip(users, wanted, strict=True) if want]
-    await asyncio.gather(*(runtime.jobs.schedule(user, "high") for user in refresh))
-    return success({"refreshed": len(refresh), "invalidated": len(users) - len(refresh)}, 202)
+    drop = [user for user, want in zip(users, wanted, strict=True) if not want]
+    await asyncio.gather(
+        *(runtime.jobs.schedule(user, "high", origin="event", force=True) for user in refresh),
+        *(runtime.cache.invalidate(user) for user in drop),
+    )
+    return success({"refreshed": len(refresh), "invalidated": len(drop)}, 202)
 
 
 ROUTES = [

@@ -60,28 +60,37 @@ class Prefetcher:
         self._flights: dict[str, asyncio.Future[bytes]] = {}
 
     async def prefetch(
-        self, user_id: str, priority: str, *, force: bool = False, count_cached: bool = False
+        self,
+        user_id: str,
+        priority: str,
+        *,
+        force: bool = False,
+        count_cached: bool = False,
+        origin: str | None = None,
     ) -> PrefetchResult:
         """Make sure the user has a fresh entry in the tier of `priority`; raises UpstreamError.
 
         A fresh hot entry makes it a no-op unless `force` (an event changed the timeline).
+        `origin` marks the stored entry as prefetched by it, until a read serves it.
         """
         started = time.perf_counter()
         tier = tier_of(priority)
-        ticket = await self.cache.begin(user_id, tier, check_hot=not force)
+        ticket = await self.cache.begin(user_id, tier, check_hot=not force, origin=origin)
         if ticket.hot_fresh:
             count = await self._hot_count(user_id) if count_cached else 0
             return PrefetchResult(True, True, "hot", count, _ms_since(started))
         posts = await self.timeline.fetch(user_id)
         body = wire.cached_body(posts, int(time.time() * 1000), tier, cached=True)
         stored = await self.cache.store(tier, user_id, self.cache.encode(body), ticket)
-        return PrefetchResult(True, False, tier, len(posts), _ms_since(started), stored)
+        if stored.replaced is not None:
+            self.stats.prefetch_wasted(stored.replaced)
+        return PrefetchResult(True, False, tier, len(posts), _ms_since(started), stored.stored)
 
     async def immediate(self, user_id: str, priority: str) -> PrefetchResult:
         """A prefetch on behalf of an API caller, counted as one prefetch operation."""
         started = time.perf_counter()
         try:
-            result = await self.prefetch(user_id, priority, count_cached=True)
+            result = await self.prefetch(user_id, priority, count_cached=True, origin="immediate")
         except Exception:
             self.record(False, started, "immediate")
             raise
@@ -107,7 +116,9 @@ class Prefetcher:
             posts = await self.timeline.fetch(user_id)
             fetched_at = int(time.time() * 1000)
             stored = wire.cached_body(posts, fetched_at, "warm", cached=True)
-            await self.cache.store("warm", user_id, self.cache.encode(stored), ticket)
+            done = await self.cache.store("warm", user_id, self.cache.encode(stored), ticket)
+            if done.replaced is not None:
+                self.stats.prefetch_wasted(done.replaced)
         except Exception:
             self.record(False, started, "read-through")
             raise
@@ -118,6 +129,7 @@ class Prefetcher:
         """Count one finished prefetch operation, started by `origin`, in the stats."""
         elapsed = time.perf_counter() - started
         self.stats.prefetch(ok, elapsed * 1000, origin)
+        prometheus.OPERATIONS.labels(origin=origin, status="completed" if ok else "failed").inc()
         prometheus.QUEUE_DURATION.observe(elapsed)
         (prometheus.JOB_COMPLETED if ok else prometheus.JOB_FAILED).inc()
 

@@ -48,6 +48,13 @@ class Settings:
     enable_predictive: bool = False
     activity_check_interval_ms: int = 60_000
     activity_window_ms: int = 900_000
+    activity_high_percent: int = 20
+    activity_refresh_lead_ms: int = 10_000
+    scheduler_lease_ttl_ms: int = 15_000
+    predictive_lead_ms: int = 600_000
+    predictive_hold_ms: int = 600_000
+    predictive_threshold: float = 0.5
+    predictive_half_life_ms: int = 14 * 86_400_000
     max_timeline_size: int = 100
     prefetch_timeout_ms: int = 10_000
     prefetch_max_attempts: int = 3
@@ -96,6 +103,19 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
             raise ValueError(f"an integer from {lo} to {hi}") from None
         if not lo <= value <= hi:
             raise ValueError(f"an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"a number from {lo} to {hi}") from None
+        if not lo <= value <= hi:  # also refuses nan
+            raise ValueError(f"a number from {lo} to {hi}")
         return value
 
     return parse
@@ -215,6 +235,13 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ENABLE_PREDICTIVE": ("enable_predictive", _bool),
     "ACTIVITY_CHECK_INTERVAL": ("activity_check_interval_ms", _int(1_000, 86_400_000)),
     "ACTIVITY_WINDOW": ("activity_window_ms", _int(1_000, 604_800_000)),
+    "ACTIVITY_HIGH_PERCENT": ("activity_high_percent", _int(0, 100)),
+    "ACTIVITY_REFRESH_LEAD": ("activity_refresh_lead_ms", _int(0, 3_600_000)),
+    "SCHEDULER_LEASE_TTL": ("scheduler_lease_ttl_ms", _int(1_000, 600_000)),
+    "PREDICTIVE_LEAD_TIME": ("predictive_lead_ms", _int(0, 86_400_000)),
+    "PREDICTIVE_HOLD_TIME": ("predictive_hold_ms", _int(0, 86_400_000)),
+    "PREDICTIVE_THRESHOLD": ("predictive_threshold", _float(0.01, 1_000.0)),
+    "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", _int(3_600_000, 31_536_000_000)),
     "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
     "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
     "PREFETCH_MAX_ATTEMPTS": ("prefetch_max_attempts", _int(1, 20)),

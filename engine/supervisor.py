@@ -23,6 +23,7 @@ from engine.process import fork_child, set_title
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import Script
+from engine.strategies.sidecar import SchedulerChild
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Supervisor:
         self.stopping = 0
         self.generation = 0
         self.pid = os.getpid()
+        self.scheduler = SchedulerChild(settings)  # strategies hook: the pod's scheduler
 
     def run(self) -> int:
         set_title("prefetch: supervisor")
@@ -66,9 +68,13 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         for index in range(1, self.count + 1):
             self._spawn(index)
+        self.scheduler.start()  # strategies hook
+        if self.stopping:  # strategies hook: a signal during its fork
+            self.scheduler.signal(signal.SIGTERM)
         log.info("supervisor %d: %d workers", os.getpid(), self.count)
-        while self.children or (self.restarts and not self.stopping):
+        while self.children or self.scheduler.running or (self.restarts and not self.stopping):
             self._reap()
+            self.scheduler.poll(bool(self.stopping))  # strategies hook
             now = time.monotonic()
             for index, when in list(self.restarts.items()):
                 if not self.stopping and now >= when:
@@ -84,6 +90,7 @@ class Supervisor:
             os._exit(EXIT_OK)
         self.stopping += 1
         sig = signal.SIGTERM if self.stopping == 1 else signal.SIGKILL
+        self.scheduler.signal(sig)  # strategies hook
         for pid in list(self.children):
             try:
                 os.kill(pid, sig)
@@ -100,16 +107,19 @@ class Supervisor:
             os.kill(pid, signal.SIGTERM if self.stopping == 1 else signal.SIGKILL)
 
     def _reap(self) -> None:
-        while self.children:
+        while self.children or self.scheduler.running:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 self.children.clear()
+                self.scheduler.pid = None
                 return
             if pid == 0:
                 return
             child = self.children.pop(pid, None)
             if child is None:
+                code = os.waitstatus_to_exitcode(status)
+                self.scheduler.reaped(pid, code, bool(self.stopping))  # strategies hook
                 continue
             code = os.waitstatus_to_exitcode(status)
             self._recover(child)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 
 import aiohttp
 import orjson
@@ -190,16 +191,19 @@ async def test_invalidation_wins_over_a_fetch_in_flight(
 
 async def test_reads_count_as_activity(api: ApiClient, redis_roles: dict[str, FastRedis]) -> None:
     user = new_user()
+    started_ms = int(time.time() * 1000)
     assert (await api.call("GET", f"/api/cache/{user}")).status == 200
+    assert (await api.call("GET", f"/api/cache/{user}")).status == 200  # a hit: same flush
     metrics = redis_roles["metrics"]
+    shard = keys.shard_of(user)
 
     async def recorded() -> bool:
-        return await metrics.execute("ZSCORE", keys.ACTIVITY, user) is not None
+        return await metrics.execute("ZSCORE", keys.activity_index(shard), user) is not None
 
     await eventually(recorded)
-    count_key = keys.activity_count(user)
-    assert int(await metrics.execute("GET", count_key)) >= 1
-    assert 0 < await metrics.pttl(count_key) <= api.settings.activity_window_ms
+    last = float(await metrics.execute("ZSCORE", keys.activity_index(shard), user))
+    assert last >= started_ms
+    assert int(await metrics.execute("HGET", keys.activity_frequency(shard), user)) >= 1
 
 
 async def test_redis_down_answers_503(settings: Settings) -> None:

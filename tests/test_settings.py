@@ -66,6 +66,14 @@ def test_host_port_and_password_build_a_url() -> None:
         ("TIMELINE_PATH", "/timeline", "a path starting with / that contains {userId}"),
         ("CACHE_COMPRESSION", "brotli", "one of gzip|none"),
         ("LOG_LEVEL", "loud", "one of debug|info|warn|warning|error|critical"),
+        ("ACTIVITY_HIGH_PERCENT", "101", "an integer from 0 to 100"),
+        ("ACTIVITY_REFRESH_LEAD", "-1", "an integer from 0 to 3600000"),
+        ("SCHEDULER_LEASE_TTL", "500", "an integer from 1000 to 600000"),
+        ("PREDICTIVE_LEAD_TIME", "soon", "an integer from 0 to 86400000"),
+        ("PREDICTIVE_HOLD_TIME", "1.5", "an integer from 0 to 86400000"),
+        ("PREDICTIVE_THRESHOLD", "nan", "a number from 0.01 to 1000.0"),
+        ("PREDICTIVE_THRESHOLD", "0", "a number from 0.01 to 1000.0"),
+        ("PREDICTIVE_HALF_LIFE", "60000", "an integer from 3600000 to 31536000000"),
     ],
 )
 def test_a_malformed_value_names_the_variable_and_the_form(
@@ -77,6 +85,25 @@ def test_a_malformed_value_names_the_variable_and_the_form(
     assert message.startswith(f"{name}=")
     assert expected in message
     assert "\n" not in message
+
+
+def test_strategy_knobs_are_read() -> None:
+    settings = load_settings(
+        {
+            "ACTIVITY_HIGH_PERCENT": "35",
+            "ACTIVITY_REFRESH_LEAD": "5000",
+            "SCHEDULER_LEASE_TTL": "9000",
+            "PREDICTIVE_LEAD_TIME": "120000",
+            "PREDICTIVE_HOLD_TIME": "300000",
+            "PREDICTIVE_THRESHOLD": "1.5",
+            "PREDICTIVE_HALF_LIFE": "604800000",
+        }
+    )
+    assert (settings.activity_high_percent, settings.activity_refresh_lead_ms) == (35, 5000)
+    assert settings.scheduler_lease_ttl_ms == 9000
+    assert (settings.predictive_lead_ms, settings.predictive_hold_ms) == (120_000, 300_000)
+    assert settings.predictive_threshold == 1.5
+    assert settings.predictive_half_life_ms == 604_800_000
 
 
 def test_a_misspelt_prefetch_variable_is_refused() -> None:

@@ -54,7 +54,7 @@ async def run_job(
     """One attempt of one user's prefetch; acknowledged by Dramatiq when this returns."""
     started = time.perf_counter()
     try:
-        await runtime.prefetcher.prefetch(user_id, priority, force=force)
+        await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
     except UpstreamError as exc:
         await settle_failure(
             runtime, priority, user_id, job_id, attempt, exc, started, origin=origin, force=force
@@ -110,7 +110,7 @@ async def run_batch(
 
     async def one(user_id: str) -> PrefetchResult:
         async with runtime.batch_slots:
-            return await runtime.prefetcher.prefetch(user_id, priority, force=force)
+            return await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
 
     outcomes = await asyncio.gather(*(one(user_id) for user_id in user_ids), return_exceptions=True)
     unexpected: list[BaseException] = []

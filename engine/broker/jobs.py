@@ -127,7 +127,8 @@ class JobQueue:
     ) -> Scheduled:
         """Enqueue a prefetch unless the user has a pending job of equal or higher priority.
 
-        `force`: the job refreshes the entry even when a fresh hot one exists (events).
+        `force`: the job refreshes the entry even when a fresh hot one exists (events); a
+        pending job that is not forced does not cover a forced one.
         """
         job_id = job_id or new_job_id(user_id)
         kwargs = job_kwargs(origin, force)
@@ -150,6 +151,7 @@ class JobQueue:
                     redis_id,
                     data,
                     delay_ms + 3_600_000,
+                    1 if force else 0,
                 ],
             )
             if reply[0] != 2:

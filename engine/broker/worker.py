@@ -95,7 +95,10 @@ class RuntimeMiddleware(dramatiq.Middleware):
 def make_broker(settings: Settings, broker_id: str | None = None) -> RedisBroker:
     """A RedisBroker on the queue DB under the `prefetch:queue` namespace."""
     holder = RuntimeHolder()
-    client = redis.Redis.from_url(settings.redis_url, db=settings.db_queue)
+    # redis-py 8 caps a pool at 100 connections by default; every job thread may hold one.
+    client = redis.Redis.from_url(
+        settings.redis_url, db=settings.db_queue, max_connections=settings.job_concurrency + 50
+    )
     broker = RedisBroker(  # type: ignore[no-untyped-call]
         client=client,
         namespace=keys.QUEUE_NAMESPACE,

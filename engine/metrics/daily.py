@@ -16,6 +16,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+from engine.broker.jobs import ORIGINS
+from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.fastredis import FastRedis
 
@@ -64,6 +66,16 @@ class StatsRecorder:
         tally["successful" if ok else "failed"] += 1
         tally["durationMs"] += round(duration_ms)
         tally[_bucket(duration_ms)] += 1
+
+    def prefetch_read(self, origin: str, count: int = 1) -> None:
+        """`count` entries prefetched by `origin` were served by a read before they expired."""
+        self._tally[f"read:{origin}"] += count
+        prometheus.PREFETCHED_READ.labels(origin=origin).inc(count)
+
+    def prefetch_wasted(self, origin: str, count: int = 1) -> None:
+        """`count` entries prefetched by `origin` expired (or were replaced) unread."""
+        self._tally[f"wasted:{origin}"] += count
+        prometheus.PREFETCHED_WASTED.labels(origin=origin).inc(count)
 
     async def flush(self) -> None:
         """Add the tally to today's hash and the lifetime hash; keep it if Redis is down."""
@@ -125,7 +137,34 @@ async def read_day(redis: FastRedis, day: str | None) -> dict[str, Any]:
             "failed": values.get("failed", 0),
             "avgDuration": round(values.get("durationMs", 0) / jobs) if jobs else 0,
             **_percentiles(values, jobs),
+            "byOrigin": {origin: values.get(f"origin:{origin}", 0) for origin in ORIGINS},
         },
+        "usefulness": _usefulness(values),
+    }
+
+
+def _precision(read: int, wasted: int) -> float | None:
+    return round(read / (read + wasted), 4) if read + wasted else None
+
+
+def _usefulness(values: dict[str, int]) -> dict[str, Any]:
+    """Prefetched entries read before they expired, and wasted ones (expired or replaced
+    unread), in all and by origin; precision is read / (read + wasted), null without data."""
+    by_origin: dict[str, dict[str, Any]] = {}
+    for origin in ORIGINS:
+        read, wasted = values.get(f"read:{origin}", 0), values.get(f"wasted:{origin}", 0)
+        by_origin[origin] = {
+            "readBeforeExpiry": read,
+            "wasted": wasted,
+            "precision": _precision(read, wasted),
+        }
+    read = sum(o["readBeforeExpiry"] for o in by_origin.values())
+    wasted = sum(o["wasted"] for o in by_origin.values())
+    return {
+        "readBeforeExpiry": read,
+        "wasted": wasted,
+        "precision": _precision(read, wasted),
+        "byOrigin": by_origin,
     }
 
 

@@ -35,6 +35,35 @@ TOKEN_REFRESH = Counter(
     "prefetch_token_refresh", "Service tokens dropped and renewed after a 401/403 from the timeline"
 )
 
+OPERATIONS = Counter(
+    "prefetch_operations",
+    "Prefetch operations finished, by what started them (origin) and status",
+    ["origin", "status"],
+)
+PREFETCHED_READ = Counter(
+    "prefetch_prefetched_entries_read",
+    "Prefetched entries that a read served before they expired, by origin",
+    ["origin"],
+)
+PREFETCHED_WASTED = Counter(
+    "prefetch_prefetched_entries_wasted",
+    "Prefetched entries that expired or were replaced before any read, by origin",
+    ["origin"],
+)
+SCHEDULER_TICKS = Counter(
+    "prefetch_scheduler_ticks", "Strategy scheduler ticks run by this pod's leader"
+)
+SCHEDULER_SELECTED = Counter(
+    "prefetch_scheduler_selected",
+    "Users the strategy scheduler enqueued, by strategy (origin) and priority",
+    ["origin", "priority"],
+)
+SCHEDULER_TICK_DURATION = Histogram(
+    "prefetch_scheduler_tick_duration_seconds",
+    "Duration of strategy scheduler ticks",
+    buckets=_DURATION_BUCKETS,
+)
+
 HOT_HIT = CACHE_HITS.labels(tier="hot")
 WARM_HIT = CACHE_HITS.labels(tier="warm")
 JOB_COMPLETED = QUEUE_JOBS.labels(status="completed")

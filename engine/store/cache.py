@@ -4,12 +4,19 @@ Entries are the ready response body of GET /api/cache/{userId} (gzip-compressed 
 CACHE_COMPRESSION=gzip). Every invalidation bumps a per-user generation; a store carries the
 generation it saw before fetching and is dropped by a script if the generation moved, so an
 invalidation always wins over a fetch that was in flight when it arrived.
+
+The same scripts keep the strategies' per-shard indexes (engine/strategies) in step with the
+entries: the expiry index (when each user's entry expires) and the unread marks of
+prefetched entries (usefulness: was it read before it expired?).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.settings import Settings
@@ -21,14 +28,51 @@ GZIP_MAGIC = b"\x1f\x8b"
 GENERATION_TTL_MS = 3_600_000
 
 _GUARDED_SET = Script.load(__file__, "guarded_set.lua")
+_INVALIDATE = Script.load(__file__, "invalidate.lua")
+
+
+def wall_clock_ms() -> int:
+    """Epoch milliseconds now (the default clock of everything that writes index times)."""
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """What a prefetch saw before fetching: whether hot is fresh, and the target's generation."""
+    """What a prefetch saw before fetching: whether hot is fresh, and the target's generation.
+
+    `origin` (engine.broker.jobs.ORIGINS) marks the stored entry as prefetched and unread until
+    a read serves it; None for a body that is served at once (read-through).
+    """
 
     hot_fresh: bool
     generation: bytes
+    origin: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The outcome of a store: true when it landed.
+
+    `replaced` is the origin of a prefetched entry that nobody read and that this store
+    replaced (a wasted prefetch), else None.
+    """
+
+    stored: bool
+    replaced: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.stored
+
+
+def _index_keys(tier: str, user_id: str) -> list[str]:
+    shard = keys.shard_of(user_id)
+    return [
+        keys.timeline(tier, user_id),
+        keys.generation(tier, user_id),
+        keys.expiry_index(tier, shard),
+        keys.unread_index(tier, shard),
+        keys.unread_origin(tier, shard),
+    ]
 
 
 def compress(body: bytes) -> bytes:
@@ -48,10 +92,17 @@ def decompress(stored: bytes) -> bytes:
 class TimelineCache:
     """Hot and warm tiers over two (possibly identical) Redis connections."""
 
-    def __init__(self, settings: Settings, hot: FastRedis, warm: FastRedis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hot: FastRedis,
+        warm: FastRedis,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
         self._settings = settings
         self._conn = {"hot": hot, "warm": warm}
         self._compress = settings.cache_compression == "gzip"
+        self._clock = clock  # epoch ms written to the expiry index (a replay injects its own)
 
     def encode(self, body: bytes) -> bytes:
         """The stored form of a response body."""
@@ -77,7 +128,9 @@ class TimelineCache:
                 return tier, self._settings.ttl_ms(tier)
         return None
 
-    async def begin(self, user_id: str, tier: str, *, check_hot: bool = True) -> Ticket:
+    async def begin(
+        self, user_id: str, tier: str, *, check_hot: bool = True, origin: str | None = None
+    ) -> Ticket:
         """Read, before fetching, the hot entry's existence and the target tier's generation."""
         hot = self._conn["hot"]
         if check_hot and self._conn[tier] is hot:
@@ -93,31 +146,35 @@ class TimelineCache:
             raise exists
         if isinstance(gen, Exception):
             raise gen
-        return Ticket(hot_fresh=bool(exists), generation=gen or b"")
+        return Ticket(hot_fresh=bool(exists), generation=gen or b"", origin=origin)
 
-    async def store(self, tier: str, user_id: str, body: bytes, ticket: Ticket) -> bool:
-        """Store an encoded entry unless the user was invalidated since `ticket`; True if stored."""
-        stored = await self._conn[tier].evalsha_or_eval(
+    async def store(self, tier: str, user_id: str, body: bytes, ticket: Ticket) -> Stored:
+        """Store an encoded entry unless the user was invalidated since `ticket`.
+
+        The entry's expiry goes into the tier's expiry index in the same atomic step.
+        """
+        ttl = self._settings.ttl_ms(tier)
+        reply = await self._conn[tier].evalsha_or_eval(
             _GUARDED_SET,
-            [keys.timeline(tier, user_id), keys.generation(tier, user_id)],
-            [body, self._settings.ttl_ms(tier), ticket.generation],
+            _index_keys(tier, user_id),
+            [body, ttl, ticket.generation, user_id, self._clock() + ttl, ticket.origin or ""],
         )
-        return bool(stored == 1)
+        if reply[0] != 1:
+            return Stored(False)
+        replaced = reply[1]
+        return Stored(True, replaced.decode() if isinstance(replaced, bytes) else None)
 
     async def invalidate(self, user_id: str) -> None:
-        """Drop both tiers' entries and bump their generations (in flight fetches lose)."""
-        for tier in keys.TIERS:
-            gen_key = keys.generation(tier, user_id)
-            replies = await self._conn[tier].pipeline(
-                [
-                    ("DEL", keys.timeline(tier, user_id)),
-                    ("INCR", gen_key),
-                    ("PEXPIRE", gen_key, GENERATION_TTL_MS),
-                ]
+        """Drop both tiers' entries and index members, bump their generations (in flight
+        fetches lose)."""
+        await asyncio.gather(
+            *(
+                self._conn[tier].evalsha_or_eval(
+                    _INVALIDATE, _index_keys(tier, user_id), [GENERATION_TTL_MS, user_id]
+                )
+                for tier in keys.TIERS
             )
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+        )
 
     async def exists(self, user_id: str) -> bool:
         """Whether either tier holds an entry for the user."""

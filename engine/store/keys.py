@@ -75,12 +75,51 @@ def queue_acks_pattern() -> str:
     return f"{QUEUE_NAMESPACE}:__acks__.*"
 
 
-ACTIVITY = f"{PREFIX}:activity:last"  # zset user id -> last active (epoch ms)
+# --- strategy indexes (engine/strategies): one key per shard, tagged like its users ---------
 
 
-def activity_count(user_id: str) -> str:
-    """How often a user was active within the window (recency and frequency rank users)."""
-    return f"{PREFIX}:activity:count:{_user(user_id)}"
+def expiry_index(tier: str, shard: int) -> str:
+    """Zset user -> when the user's entry in `tier` expires (epoch ms), written by the store.
+
+    In the tier's DB and slot, so the store script writes it in the same atomic step as the
+    entry; an invalidation removes the user. Members whose time passed are trimmed by the tick.
+    """
+    return f"{PREFIX}:{tier}:expiry:{shard_tag(shard)}"
+
+
+def unread_index(tier: str, shard: int) -> str:
+    """Zset user -> expiry (epoch ms) of a prefetched entry that no read has served yet."""
+    return f"{PREFIX}:{tier}:unread:{shard_tag(shard)}"
+
+
+def unread_origin(tier: str, shard: int) -> str:
+    """Hash user -> origin of the prefetch that stored the unread entry (usefulness)."""
+    return f"{PREFIX}:{tier}:unread-origin:{shard_tag(shard)}"
+
+
+def activity_index(shard: int) -> str:
+    """Zset user -> last active (epoch ms), fed by reads and POST /api/activity."""
+    return f"{PREFIX}:activity:last:{shard_tag(shard)}"
+
+
+def activity_frequency(shard: int) -> str:
+    """Hash user -> activity flushes that saw the user since its session began (frequency)."""
+    return f"{PREFIX}:activity:freq:{shard_tag(shard)}"
+
+
+def predict_profile(shard: int) -> str:
+    """Hash user -> packed hour-of-week profile (engine/strategies/profile.lua)."""
+    return f"{PREFIX}:predict:profile:{shard_tag(shard)}"
+
+
+def predict_index(shard: int) -> str:
+    """Zset user -> when the predictive strategy wants the user's entry ready (epoch ms)."""
+    return f"{PREFIX}:predict:next:{shard_tag(shard)}"
+
+
+def strategy_claims(shard: int) -> str:
+    """Zset user -> until when a strategy batch holding the user is in flight (epoch ms)."""
+    return f"{PREFIX}:strategy:claims:{shard_tag(shard)}"
 
 
 def metrics_day(day: str) -> str:
@@ -89,4 +128,9 @@ def metrics_day(day: str) -> str:
 
 
 METRICS_TOTAL = f"{PREFIX}:metrics:total"  # hash of lifetime counters
-SCHEDULER_LOCK = f"{PREFIX}:scheduler:leader"  # the strategy scheduler's leadership lock
+# The strategy scheduler's lease (value `<fencing token>:<identity>`) and the counter its
+# tokens come from, in the queue DB: the enqueue script checks the lease (jobs.Fence).
+SCHEDULER_LEASE = f"{PREFIX}:scheduler:{{leader}}:lease"
+SCHEDULER_TOKENS = f"{PREFIX}:scheduler:{{leader}}:tokens"
+SCHEDULER_STATUS = f"{PREFIX}:scheduler:{{leader}}:status"  # hash: the last tick's report
+SCHEDULER_TICKS = f"{PREFIX}:scheduler:{{leader}}:ticks"  # hash identity -> ticks it ran

@@ -1,0 +1,6 @@
+-- KEYS: lease.  ARGV: lease value, ttl ms.  Compare-and-extend: 1 if still ours, else 0.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0

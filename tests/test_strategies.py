@@ -1,0 +1,284 @@
+"""The strategies' decisions on a real Redis, driven tick by tick (`Scheduler.tick(now_ms)`)
+with real and virtual clocks: indexes, selection, priorities, the lease and its fence,
+predictive profiles over a virtual week. No worker runs: what a tick decided is read back
+from the queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.broker.jobs import JobQueue
+from engine.settings import Settings
+from engine.store import keys
+from engine.store.cache import TimelineCache, wall_clock_ms
+from engine.store.fastredis import FastRedis
+from engine.strategies.activity import Candidate, record_activity, split_by_rank
+from engine.strategies.leader import Lease, leader_status
+from engine.strategies.runner import run_scheduler
+from engine.strategies.scheduler import Scheduler
+from tests.conftest import closed_port, new_user
+from tests.engine_support import holds_for, wait_for
+from tests.strategy_support import (
+    DAY,
+    DAY0,
+    HOUR,
+    MINUTE,
+    queued_batches,
+    queued_users,
+    store_at,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def activity_settings(settings: Settings, **changes: object) -> Settings:
+    return settings.with_overrides(
+        enable_activity_based=True,
+        activity_check_interval_ms=60_000,
+        activity_window_ms=15 * MINUTE,
+        activity_refresh_lead_ms=10_000,
+        **changes,
+    )
+
+
+def scheduler_for(settings: Settings, redis: dict[str, FastRedis]) -> Scheduler:
+    return Scheduler(settings, redis, JobQueue(redis["queue"]))
+
+
+async def test_the_store_writes_the_expiry_index_and_an_invalidation_removes_it(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    user = new_user()
+    shard = keys.shard_of(user)
+    at = wall_clock_ms()
+    assert await store_at(settings, redis_roles, user, "warm", at, origin="activity")
+    hot, warm = redis_roles["hot"], redis_roles["warm"]
+    expiry = await warm.execute("ZSCORE", keys.expiry_index("warm", shard), user)
+    assert int(float(expiry)) == at + settings.warm_ttl_ms
+    assert await warm.execute("HGET", keys.unread_origin("warm", shard), user) == b"activity"
+    assert await hot.execute("ZSCORE", keys.expiry_index("hot", shard), user) is None
+
+    await TimelineCache(settings, hot, warm).invalidate(user)
+    assert await warm.execute("EXISTS", keys.timeline("warm", user)) == 0
+    assert await warm.execute("ZSCORE", keys.expiry_index("warm", shard), user) is None
+    assert await warm.execute("HGET", keys.unread_origin("warm", shard), user) is None
+    assert await warm.execute("ZSCORE", keys.unread_index("warm", shard), user) is None
+
+
+async def test_a_tick_enqueues_active_users_whose_entry_is_missing_or_about_to_expire(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings, batch_size=2, activity_high_percent=0)
+    now = wall_clock_ms()
+    missing, expiring, covered, idle = (new_user() for _ in range(4))
+    extra = [new_user() for _ in range(3)]
+    await record_activity(redis_roles["metrics"], s, [missing, expiring, covered, *extra], now)
+    await record_activity(redis_roles["metrics"], s, [idle], now - s.activity_window_ms - 1)
+    # `expiring` ends before the next tick (+ lead); `covered` outlives it.
+    horizon = now + s.activity_check_interval_ms + s.activity_refresh_lead_ms
+    await store_at(s, redis_roles, expiring, "hot", horizon - 1 - s.hot_ttl_ms)
+    await store_at(s, redis_roles, covered, "warm", horizon + 1 - s.warm_ttl_ms)
+
+    report = await scheduler_for(s, redis_roles).tick(now)
+
+    assert report.candidates == {"activity": 6}  # the idle user is not a candidate
+    assert report.selected == {"activity": 5}
+    batches = await queued_batches(redis_roles["queue"])
+    chosen = queued_users(batches)
+    assert set(chosen) == {missing, expiring, *extra}
+    assert all(b.origin == "activity" and len(b.users) <= 2 for b in batches)
+    assert all(b.actor == "prefetch_batch_medium" for b in batches)  # 0% high
+    # The entry that still exists is refetched even if fresh: it expires before the next tick.
+    assert chosen[expiring].force and not chosen[missing].force
+    # The idle user left the index (and its frequency with it).
+    metrics = redis_roles["metrics"]
+    assert await metrics.execute("ZSCORE", keys.activity_index(keys.shard_of(idle)), idle) is None
+    assert await metrics.execute("HGET", keys.activity_frequency(keys.shard_of(idle)), idle) is None
+
+
+async def test_users_in_flight_are_not_enqueued_again_until_their_claim_lapses(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings)
+    now = wall_clock_ms()
+    user = new_user()
+    await record_activity(redis_roles["metrics"], s, [user], now)
+    scheduler = scheduler_for(s, redis_roles)
+    assert (await scheduler.tick(now)).selected == {"activity": 1}
+    later = now + s.activity_check_interval_ms
+    assert (await scheduler.tick(later)).selected == {}  # its batch is still in flight
+    # Its entry landed: covered, nothing to do even after the claim lapses.
+    await store_at(s, redis_roles, user, "hot", later)
+    await record_activity(redis_roles["metrics"], s, [user], later)
+    assert (await scheduler.tick(now + scheduler.claim_ms + 1)).selected == {}
+    # Without an entry (a failed fetch), the user is selected again once the claim lapses.
+    other = new_user()
+    await record_activity(redis_roles["metrics"], s, [other], later)
+    assert (await scheduler.tick(later)).selected == {"activity": 1}
+    assert (await scheduler.tick(later + scheduler.claim_ms + 1)).selected == {"activity": 1}
+
+
+async def test_the_most_frequent_and_most_recent_users_get_high_priority(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings, activity_high_percent=50)
+    now = wall_clock_ms()
+    busy, recent, stale, once = (new_user() for _ in range(4))
+    metrics = redis_roles["metrics"]
+    for i in range(5):  # five activity flushes in one session
+        await record_activity(metrics, s, [busy], now - 10 * MINUTE + i * 1000)
+    await record_activity(metrics, s, [stale], now - 14 * MINUTE)
+    await record_activity(metrics, s, [stale], now - 13 * MINUTE)
+    await record_activity(metrics, s, [recent], now - 1000)
+    await record_activity(metrics, s, [recent], now)
+    await record_activity(metrics, s, [once], now - 12 * MINUTE)
+
+    await scheduler_for(s, redis_roles).tick(now)
+    chosen = queued_users(await queued_batches(redis_roles["queue"]))
+    assert {u for u, b in chosen.items() if b.actor == "prefetch_batch_high"} == {busy, recent}
+    assert {u for u, b in chosen.items() if b.actor == "prefetch_batch_medium"} == {stale, once}
+
+
+def test_split_by_rank_rounds_the_high_share_up() -> None:
+    ranked = [Candidate(str(i), float(i)) for i in range(10)]
+    assert split_by_rank(ranked, 25)["high"] == ["9", "8", "7"]
+    assert split_by_rank(ranked, 0)["high"] == []
+    assert len(split_by_rank(ranked, 100)["medium"]) == 0
+
+
+async def test_a_stale_leaders_enqueue_is_refused_by_the_fence(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings)
+    queue = redis_roles["queue"]
+    now = wall_clock_ms()
+    await record_activity(redis_roles["metrics"], s, [new_user()], now)
+    first = Lease(queue, 1_000, "pod-a")
+    second = Lease(queue, 1_000, "pod-b")
+    assert await first.acquire()
+    assert not await second.acquire()
+    assert await first.renew()
+    scheduler = scheduler_for(s, redis_roles)
+    batches = await scheduler.plan(now)  # `first` decided what to enqueue...
+    fence = first.fence()
+    assert fence is not None and batches
+    # ...and paused until its lease expired and `second` took over.
+    await wait_for(second.acquire, 10, "the second contender to take the expired lease")
+
+    report = await scheduler.enqueue(batches, now, fence)
+    assert report.fenced and report.batches == 0
+    assert await queued_batches(queue) == []
+    assert not await first.renew() and not first.leading
+    assert not await first.report({"at": now})  # nor can it publish a tick
+    status = await leader_status(queue)
+    assert status["leader"] == "pod-b"
+    assert int(str(second.value).split(":")[0]) > int(str(fence.value).split(":")[0])
+    # The new leader's fence lets the same batches through.
+    assert (await scheduler.enqueue(batches, now, second.fence())).batches == len(batches)
+    await second.release()
+    assert (await leader_status(queue))["leader"] is None
+
+
+async def test_the_scheduler_outlives_an_unreachable_redis(settings: Settings) -> None:
+    down = settings.with_overrides(
+        redis_url=f"redis://127.0.0.1:{closed_port()}", scheduler_lease_ttl_ms=1_000
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_scheduler(down, stop, identity="lonely"))
+    # Several lease attempts (every 250 ms) fail against the closed port: it keeps trying.
+    await holds_for(lambda: not task.done(), 1.0, "the scheduler running without Redis")
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_a_daily_habit_is_prefetched_before_the_open_on_the_eighth_day(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = settings.with_overrides(
+        enable_activity_based=True,
+        enable_predictive=True,
+        activity_check_interval_ms=MINUTE,
+        activity_window_ms=15 * MINUTE,
+        predictive_lead_ms=10 * MINUTE,
+        predictive_hold_ms=10 * MINUTE,
+    )
+    habit, once = new_user(), new_user()
+    metrics = redis_roles["metrics"]
+    jitter = [-4, 3, 0, 5, -2, 1, -3]  # minutes around 08:00
+    for day in range(7):
+        opened = DAY0 + day * DAY + 8 * HOUR + jitter[day] * MINUTE
+        for read in range(3):  # a session: the open, then two more reads
+            await record_activity(metrics, s, [habit], opened + read * 2 * MINUTE)
+    # One open, months ago: faded below the threshold by the eighth day.
+    await record_activity(metrics, s, [once], DAY0 + 7 * DAY + 8 * HOUR - 16 * 7 * DAY)
+
+    scheduler = scheduler_for(s, redis_roles)
+    first_pick: int | None = None
+    for minute in range(7 * 60, 8 * 60 + 1):  # ticks from 07:00 to 08:00 of the eighth day
+        now = DAY0 + 7 * DAY + minute * MINUTE
+        report = await scheduler.tick(now)
+        if report.selected.get("predictive"):
+            first_pick = minute
+            break
+    assert first_pick is not None, "the habit was never prefetched"
+    # Lead time 10 min before a mean open of about 08:00: picked from 07:49, not earlier
+    # than 07:40, and before 08:00.
+    assert 7 * 60 + 40 <= first_pick < 8 * 60
+    chosen = queued_users(await queued_batches(redis_roles["queue"]))
+    assert set(chosen) == {habit}
+    assert chosen[habit].origin == "predictive"
+    assert chosen[habit].actor == "prefetch_batch_medium"
+    shard = keys.shard_of(once)
+    assert await metrics.execute("HGET", keys.predict_profile(shard), once) is None
+
+
+async def test_a_profile_stays_bounded_and_new_habits_replace_old_ones(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = settings.with_overrides(enable_predictive=True, activity_window_ms=15 * MINUTE)
+    user = new_user()
+    metrics = redis_roles["metrics"]
+    for hour in range(48):  # 48 app opens, each in another hour of the week
+        await record_activity(metrics, s, [user], DAY0 + hour * HOUR)
+    packed = await metrics.execute("HGET", keys.predict_profile(keys.shard_of(user)), user)
+    assert packed is not None and len(packed.split(b";")) == 24
+    # The oldest hours were forgotten, the newest kept.
+    buckets = {int(entry.split(b",")[0]) for entry in packed.split(b";")}
+    first = (DAY0 % (168 * HOUR)) // HOUR
+    assert (first + 47) % 168 in buckets and first not in buckets
+
+
+async def test_a_forced_schedule_is_not_swallowed_by_a_pending_plain_job(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    jobs = JobQueue(redis_roles["queue"])
+    user = new_user()
+    plain = await jobs.schedule(user, "high")
+    forced = await jobs.schedule(user, "high", origin="event", force=True)
+    assert not forced.deduplicated and forced.jobId != plain.jobId
+    # A pending forced job covers later ones, forced or not, of equal or lower priority.
+    assert (await jobs.schedule(user, "high", origin="event", force=True)).deduplicated
+    assert (await jobs.schedule(user, "medium")).jobId == forced.jobId
+    assert (await jobs.stats())["byPriority"]["high"]["waiting"] == 2
+
+
+async def test_an_entry_stored_after_the_claim_ends_it(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings, hot_ttl_ms=30_000)  # shorter than a tick's horizon
+    now = wall_clock_ms()
+    user = new_user()
+    await record_activity(redis_roles["metrics"], s, [user], now)
+    scheduler = scheduler_for(s, redis_roles)
+    assert (await scheduler.tick(now)).selected == {"activity": 1}
+    # Stored before the claim was made (an older entry): the batch is still in flight.
+    await store_at(s, redis_roles, user, "hot", now - 1)
+    assert (await scheduler.tick(now + 1_000)).selected == {}
+    # Stored after: the batch landed, and its entry expires before the next tick's horizon.
+    await store_at(s, redis_roles, user, "hot", now + 1_000)
+    report = await scheduler.tick(now + 2_000)
+    assert report.selected == {"activity": 1}
+    batches = [b for b in await queued_batches(redis_roles["queue"]) if b.force]
+    assert [b.users for b in batches] == [[user]]
