@@ -1,14 +1,32 @@
--- KEYS: pending, queue list, queue msgs.  ARGV: jobId, rank, priority, delay, msg id, msg, ttl
--- Replies {created, jobId, priority, delay}; created 2: the id is the pending job's, retry.
-local cur = redis.call('HMGET', KEYS[1], 'jobId', 'rank', 'priority', 'delay')
+-- KEYS: pending, queue list, queue msgs[, failed list].
+-- ARGV: jobId, rank, priority, delay, msg id, msg, ttl, namespace, canonical queue
+--       [, failed record to remove first (a retry)]
+-- Replies {created, jobId, priority, delay}; created 2: the id is the pending job's, retry with
+-- another; 3: the failed record is gone (a concurrent retry took it), nothing was queued.
+-- A pending mark counts only while the message it names exists (waiting, delayed or running):
+-- a mark whose message is gone (lost with a crashed Redis, flushed) must not swallow a schedule.
+if KEYS[4] and redis.call('LREM', KEYS[4], 1, ARGV[10]) == 0 then
+  return {3, ARGV[1], ARGV[3], ARGV[4]}
+end
+local cur = redis.call('HMGET', KEYS[1], 'jobId', 'rank', 'priority', 'delay', 'queue', 'msg')
+if cur[1] and cur[6] then
+  local base = ARGV[8] .. ':' .. cur[5]
+  if redis.call('HEXISTS', base .. '.msgs', cur[6]) == 0
+      and redis.call('HEXISTS', base .. '.DQ.msgs', cur[6]) == 0 then
+    cur = {}
+  end
+elseif cur[1] then
+  cur = {}  -- a mark that names no message (written by an older version): not proof of a job
+end
 if cur[1] and tonumber(cur[2]) >= tonumber(ARGV[2]) then
   return {0, cur[1], cur[3], cur[4]}
 end
 if cur[1] == ARGV[1] then
   return {2, cur[1], cur[3], cur[4]}
 end
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'jobId', ARGV[1], 'rank', ARGV[2], 'priority', ARGV[3],
-           'delay', ARGV[4])
+           'delay', ARGV[4], 'queue', ARGV[9], 'msg', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
 redis.call('RPUSH', KEYS[2], ARGV[5])
