@@ -75,13 +75,38 @@ class Consumer(ConsumerThread):
             self._last_warning = now
             log.warning("consumer of %s: %s: %r", self.queue_name, what, exc)
 
+    @property
+    def delay_queue(self) -> PriorityQueue[WorkItem]:
+        return self._delay_queue
+
+    @delay_queue.setter
+    def delay_queue(self, fresh: PriorityQueue[WorkItem]) -> None:
+        # After a connection error Dramatiq starts over with an empty delay queue, and the
+        # delayed messages it held stay in this worker's ack set, never run: keep them.
+        old: PriorityQueue[WorkItem] | None = self.__dict__.get("_delay_queue")
+        if old is not None:
+            for item in iter_queue(old):  # type: ignore[no-untyped-call]
+                fresh.put(item)
+        self._delay_queue = fresh
+
     def close(self) -> None:
+        # Dramatiq's close takes the delayed messages out of memory before handing them back,
+        # and lets an error reply (not a connection error) kill the thread for good.
+        items: list[WorkItem] = list(iter_queue(self.delay_queue))  # type: ignore[no-untyped-call]
+        consumer = self.consumer
         try:
-            super().close()
+            if consumer is not None and items:
+                consumer.requeue([item.message for item in items])
         except Exception as exc:
-            # Its delayed messages stay in its ack set: handed back when Redis takes writes
-            # again (by this thread's next close, the supervisor, or heartbeat maintenance).
+            # Still ours in Redis: kept, and handed back or run once Redis takes writes.
             self._warn("could not hand back its delayed messages", exc)
+            for item in items:
+                self.delay_queue.put(item)
+        try:
+            if consumer is not None:
+                consumer.close()
+        except Exception as exc:
+            self._warn("could not close", exc)
 
     def handle_delayed_messages(self) -> None:
         for item in iter_queue(self.delay_queue):  # type: ignore[no-untyped-call]
