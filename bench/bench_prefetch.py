@@ -534,6 +534,88 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
             print(f"  {note}")
 
 
+def run_once(args: argparse.Namespace) -> tuple[list[Run], str]:
+    """One engine run and (unless --no-baseline) its baseline, on a fresh sandbox."""
+    runs: list[Run] = []
+    with redis_target(args.redis_url) as url, Services(f"prefetch-{args.mode}") as services:
+        flush_bench_dbs(url)
+        print(
+            f"Redis-compatible server {redis_info(url)['version']} at {url}, DBs 4-7 flushed; "
+            f"code {code_fingerprint()}"
+        )
+        upstreams = start_sandbox(services, url, args.latency_ms)
+        runs.append(run_engine(url, upstreams, services, args))
+        if not args.no_baseline:
+            print(f"baseline: {args.workers} processes x {args.concurrency} tasks ...")
+            runs.append(run_baseline(url, upstreams, services, args))
+        logs = services.logs
+    return runs, str(logs)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+def run_matrix(args: argparse.Namespace) -> None:
+    """single and batch, 0 and 50 ms, `--rounds` rounds each: medians, one table, one JSON."""
+    cells: list[dict[str, Any]] = []
+    for mode in ("single", "batch"):
+        for latency in (0, 50):
+            rounds: list[list[Run]] = []
+            for n in range(args.rounds):
+                print(f"--- {mode}, {latency} ms, round {n + 1}/{args.rounds}")
+                one = argparse.Namespace(**{**vars(args), "mode": mode, "latency_ms": latency})
+                rounds.append(run_once(one)[0])
+            cell: dict[str, Any] = {"mode": mode, "latency_ms": latency}
+            for i, label in enumerate(("engine", "baseline")):
+                runs = [r[i] for r in rounds if len(r) > i]
+                if not runs:
+                    continue
+                cell[label] = {
+                    "jobs_per_s": _median([r.jobs_per_s for r in runs]),
+                    "worker_cpu_us_per_job": _median(
+                        [r.cpu_us_per_job("workers") or 0.0 for r in runs]
+                    ),
+                    "peak_rss_mb": _median([max(r.peak_rss_mb or [0.0]) for r in runs]),
+                    "other_cpu_pct": _median([r.other_cpu_pct for r in runs]),
+                    "rounds": [asdict(r) | {"jobs_per_s": r.jobs_per_s} for r in runs],
+                }
+            if "baseline" in cell:
+                engine_cpu = cell["engine"]["worker_cpu_us_per_job"]
+                base_cpu = cell["baseline"]["worker_cpu_us_per_job"]
+                cell["cpu_ratio"] = engine_cpu / base_cpu if base_cpu else None
+                base_rate = cell["baseline"]["jobs_per_s"]
+                cell["rate_ratio"] = cell["engine"]["jobs_per_s"] / base_rate if base_rate else None
+            cells.append(cell)
+    print()
+    print(
+        f"medians of {args.rounds} rounds, {args.jobs} jobs each, {args.workers} workers x "
+        f"{args.concurrency}, CACHE_COMPRESSION={args.compression}"
+    )
+    headers = ["mode", "upstream", "engine jobs/s", "baseline jobs/s", "engine/baseline"]
+    headers += ["worker CPU µs/job (engine / baseline)", "CPU ratio", "peak RSS MB", "other CPU %"]
+    rows = []
+    for c in cells:
+        e, b = c["engine"], c.get("baseline", {})
+        rows.append(
+            [
+                c["mode"],
+                f"{c['latency_ms']} ms",
+                f"{e['jobs_per_s']:.0f}",
+                f"{b.get('jobs_per_s', 0):.0f}",
+                f"{c.get('rate_ratio') or 0:.2f}",
+                f"{e['worker_cpu_us_per_job']:.0f} / {b.get('worker_cpu_us_per_job', 0):.0f}",
+                f"{c.get('cpu_ratio') or 0:.2f}",
+                f"{e['peak_rss_mb']:.0f}",
+                f"{e['other_cpu_pct']:.0f}",
+            ]
+        )
+    print_table(headers, rows)
+    payload = {"bench": "prefetch-matrix", "args": vars(args), "machine": machine(), "cells": cells}
+    print(f"saved {save_result('prefetch-matrix', payload)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20_000)
@@ -548,27 +630,23 @@ def main() -> None:
         "--redis-url", default=None, help="default: $REDIS_URL, else an embedded Valkey"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the fetch+SET loop")
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="single and batch at 0 and 50 ms, --rounds rounds each, medians in one table",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--matrix: rounds per cell")
     args = parser.parse_args()
-
-    runs: list[Run] = []
-    with redis_target(args.redis_url) as url, Services(f"prefetch-{args.mode}") as services:
-        flush_bench_dbs(url)
-        print(
-            f"Redis-compatible server {redis_info(url)['version']} at {url}, DBs 4-7 flushed; "
-            f"code {code_fingerprint()}"
-        )
-        upstreams = start_sandbox(services, url, args.latency_ms)
-        runs.append(run_engine(url, upstreams, services, args))
-        if not args.no_baseline:
-            print(f"baseline: {args.workers} processes x {args.concurrency} tasks ...")
-            runs.append(run_baseline(url, upstreams, services, args))
-        logs = services.logs
+    if args.matrix:
+        run_matrix(args)
+        return
+    runs, logs = run_once(args)
     report(args, runs)
     payload = {
         "bench": "prefetch",
         "args": vars(args),
         "machine": machine(),
-        "logs": str(logs),
+        "logs": logs,
         "runs": [
             {
                 **asdict(r),

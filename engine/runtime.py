@@ -37,7 +37,7 @@ class Runtime:
     prefetcher: Prefetcher
     jobs: JobQueue
     # Bounds the prefetches of batch messages to PREFETCH_JOB_CONCURRENCY per process: 100
-    # threads x 50 users at once would queue on the connection pool until they time out.
+    # messages x 50 users at once would queue on the connection pool until they time out.
     batch_slots: asyncio.Semaphore
 
 

@@ -2,27 +2,29 @@
 
 The supervisor opens nothing before forking. A child that dies is replaced within a second
 (with backoff when it keeps dying at start), and the messages it had taken are handed back
-to the queue at once instead of after Dramatiq's heartbeat timeout. SIGTERM/SIGINT are
-forwarded so children drain; a second signal kills them.
+to the queue at once instead of after Dramatiq's heartbeat timeout. That hand-back runs in a
+thread of its own and is retried until Redis answers, so an unreachable Redis never delays a
+restart. SIGTERM/SIGINT are forwarded so children drain; a second signal kills them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
 
 import redis
 
+from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import QUEUES
 from engine.process import fork_child, set_title
 from engine.settings import Settings
-from engine.store import keys
-from engine.store.fastredis import Script
 from engine.strategies.sidecar import SchedulerChild
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,10 @@ EXIT_KILLED = 4
 CRASH_WINDOW_S = 5.0
 MAX_RESTART_DELAY_S = 30.0
 
-_RECOVER = Script.load(__file__, "recover_acks.lua")
+# Hand-backs retry at this pace while Redis does not answer; at shutdown the supervisor waits
+# this long for the last ones (Dramatiq's heartbeat maintenance does the rest, later).
+RECOVER_RETRY_S = (0.5, 5.0)
+RECOVER_AT_EXIT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class Supervisor:
         self.stopping = 0
         self.generation = 0
         self.pid = os.getpid()
+        self.recovery = Recovery(settings)
         self.scheduler = SchedulerChild(settings)  # strategies hook: the pod's scheduler
 
     def run(self) -> int:
@@ -81,6 +87,8 @@ class Supervisor:
                     del self.restarts[index]
                     self._spawn(index)
             time.sleep(0.05)
+        if not self.recovery.wait_idle(RECOVER_AT_EXIT_S):
+            log.warning("some stopped workers' messages were not handed back yet")
         log.info("supervisor %d: all workers stopped", os.getpid())
         return EXIT_KILLED if self.stopping > 1 else EXIT_OK
 
@@ -122,7 +130,7 @@ class Supervisor:
                 self.scheduler.reaped(pid, code, bool(self.stopping))  # strategies hook
                 continue
             code = os.waitstatus_to_exitcode(status)
-            self._recover(child)
+            self.recovery.submit(child.index, child.broker_id)
             if self.stopping:
                 log.info("worker %d (pid %d) exited %d", child.index, pid, code)
                 continue
@@ -140,30 +148,68 @@ class Supervisor:
             )
             self.restarts[child.index] = time.monotonic() + delay
 
-    def _recover(self, child: Child) -> None:
-        """Hand the dead child's taken-but-unacked messages back to their queues."""
-        queues = [q for name in QUEUES.values() for q in (name, f"{name}.DQ")]
-        try:
-            client = redis.Redis.from_url(
-                self.settings.redis_url,
-                db=self.settings.db_queue,
-                socket_connect_timeout=2,  # an unreachable host must not stall restarts
-                socket_timeout=2,
-            )
-            try:
-                moved = client.eval(
-                    _RECOVER.source, 1, keys.QUEUE_NAMESPACE, child.broker_id, *queues
-                )
-            finally:
-                client.close()
-        except Exception as exc:
-            # Redis down (Dramatiq's heartbeat maintenance moves them once it is back), or a
-            # REDIS_URL that redis-py refuses (ValueError): either way the supervisor, which
-            # keeps the other children alive, must not die of it.
-            log.warning("could not requeue worker %d's messages now: %r", child.index, exc)
-            return
-        if moved:
-            log.info("requeued %d messages of worker %d", moved, child.index)
+
+class Recovery:
+    """Hands dead children's taken-but-unacked messages back to their queues, in a thread.
+
+    Started on the first hand-back (after the forks: no thread is ever forked). A hand-back
+    that fails (Redis down, or refusing writes) is retried with backoff until it succeeds.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._todo: queue.Queue[tuple[int, str]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, index: int, broker_id: str) -> None:
+        self._todo.put((index, broker_id))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
+            self._thread.start()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every submitted hand-back is done; False if that took over `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self._todo.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _run(self) -> None:
+        client: redis.Redis | None = None
+        while True:
+            index, broker_id = self._todo.get()
+            pause = RECOVER_RETRY_S[0]
+            while True:
+                try:
+                    if client is None:
+                        client = redis.Redis.from_url(
+                            self._settings.redis_url,
+                            db=self._settings.db_queue,
+                            socket_connect_timeout=2,
+                            socket_timeout=5,
+                        )
+                    moved = client.eval(
+                        layout.RECOVER.source,
+                        1,
+                        layout.NAMESPACE,
+                        broker_id,
+                        *layout.all_queues(list(QUEUES.values())),
+                    )
+                    break
+                except Exception as exc:
+                    # Redis down or refusing, or a REDIS_URL that redis-py refuses (ValueError):
+                    # the supervisor, which keeps the other children alive, must not die of it.
+                    log.warning("could not requeue worker %d's messages yet: %r", index, exc)
+                    if client is not None:
+                        client.close()
+                        client = None
+                    time.sleep(pause)
+                    pause = min(pause * 2, RECOVER_RETRY_S[1])
+            if moved:
+                log.info("requeued %d messages of worker %d", moved, index)
+            self._todo.task_done()
 
 
 def _worker_main(settings: Settings, index: int, broker_id: str) -> int:

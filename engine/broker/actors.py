@@ -1,34 +1,43 @@
-"""The Dramatiq actors: one per priority for a single user, one per priority for a batch.
+"""The Dramatiq actors (one per priority for a single user, one per priority for a batch) and
+the middleware that turns a job's end into its outcome.
 
-Upstream failures are handled here, not by Dramatiq's Retries middleware: a retryable one
-enqueues the next attempt with an exact delay (2 s, then 4 s; Dramatiq's own backoff adds
-jitter), a final or non-retryable one goes to our failed list with its real reason. Only
-unexpected errors (Redis down mid-job) reach Dramatiq's Retries, so no job is ever dropped.
+Failures go through Dramatiq's own machinery: a retryable upstream failure raises
+`dramatiq.Retry` with an exact delay (PREFETCH_BACKOFF_MS, doubling: 2 s, then 4 s), and the
+Retries middleware enqueues the next attempt until PREFETCH_MAX_ATTEMPTS; any other upstream
+failure is in the actors' `throws` and fails at once. `JobOutcome` then records the end in the
+job's ledger: completion, the pending mark following a retry, or a failed-list record (the
+message itself goes to Dramatiq's dead-letter queue). The executor writes all of it with the
+message's acknowledgement, in one atomic step (engine/broker/executor.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import dramatiq
+from dramatiq.common import q_name
+from dramatiq.middleware import CurrentMessage
 
 from engine import wire
-from engine.broker.jobs import ACTOR_PRIORITY, QUEUES, actor_name
+from engine.broker import dramatiq_layout as layout
+from engine.broker.jobs import ACTOR_PRIORITY, QUEUES, actor_name, job_kwargs
 from engine.errors import UpstreamError
 from engine.prefetcher import PrefetchResult
 from engine.runtime import Runtime
+from engine.store import keys
 
-# Longer than any attempt can take (PREFETCH_TIMEOUT is at most 10 min); a batch of 1000 too.
-TIME_LIMIT_MS = 15 * 60 * 1000
+Handler = Callable[..., Awaitable[Any]]
 
 
 class RuntimeHolder:
-    """The process's Runtime, set by RuntimeMiddleware once the worker has booted."""
+    """The process's Runtime (and broker), set once the worker has opened them."""
 
     runtime: Runtime | None = None
+    broker: dramatiq.Broker | None = None
 
     def get(self) -> Runtime:
         if self.runtime is None:
@@ -41,71 +50,46 @@ def backoff_ms(runtime: Runtime, attempt: int) -> int:
     return int(runtime.settings.prefetch_backoff_ms * 2 ** (attempt - 1))
 
 
+def current_attempt() -> int:
+    """1 for a job's first run, 2 for its first retry, ... (Dramatiq counts the retries)."""
+    message = CurrentMessage.get_current_message()
+    return int(message.options.get("retries", 0)) + 1 if message is not None else 1
+
+
 async def run_job(
     runtime: Runtime,
     priority: str,
     user_id: str,
     job_id: str,
-    attempt: int = 1,
-    *,
+    *_legacy: Any,
     origin: str = "schedule",
     force: bool = False,
 ) -> None:
-    """One attempt of one user's prefetch; acknowledged by Dramatiq when this returns."""
+    """One attempt of one user's prefetch."""
     started = time.perf_counter()
     try:
         await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
     except UpstreamError as exc:
-        await settle_failure(
-            runtime, priority, user_id, job_id, attempt, exc, started, origin=origin, force=force
-        )
-        return
+        if exc.retryable:
+            raise dramatiq.Retry(str(exc), delay=backoff_ms(runtime, current_attempt())) from exc
+        raise  # in the actor's `throws`: fails at once
     runtime.prefetcher.record(True, started, origin)
-    await runtime.jobs.complete(user_id, job_id)
-
-
-async def settle_failure(
-    runtime: Runtime,
-    priority: str,
-    user_id: str,
-    job_id: str,
-    attempt: int,
-    exc: UpstreamError,
-    started: float,
-    *,
-    origin: str,
-    force: bool,
-) -> None:
-    """Schedule the next attempt, or record the job as failed for good."""
-    if exc.retryable and attempt < runtime.settings.prefetch_max_attempts:
-        delay = backoff_ms(runtime, attempt)
-        await runtime.jobs.requeue(
-            user_id, job_id, priority, attempt + 1, delay, origin=origin, force=force
-        )
-        return
-    runtime.prefetcher.record(False, started, origin)
-    await runtime.jobs.fail(
-        wire.FailedJob(
-            id=job_id,
-            userId=user_id,
-            priority=priority,
-            failedReason=str(exc),
-            attempts=attempt,
-            timestamp=int(time.time() * 1000),
-        )
-    )
 
 
 async def run_batch(
     runtime: Runtime,
+    broker: dramatiq.Broker,
     priority: str,
     user_ids: list[str],
     batch_id: str,
     *,
     origin: str = "schedule",
     force: bool = False,
-) -> None:
-    """Prefetch many users under one message; each failure is settled as its own job."""
+) -> int:
+    """Prefetch many users under one message; each failure is settled as its own job.
+
+    Returns how many users finished well (counted when the message is acknowledged).
+    """
     started = time.perf_counter()
 
     async def one(user_id: str) -> PrefetchResult:
@@ -113,54 +97,133 @@ async def run_batch(
             return await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
 
     outcomes = await asyncio.gather(*(one(user_id) for user_id in user_ids), return_exceptions=True)
-    unexpected: list[BaseException] = []
+    ledger = layout.current_ledger()
+    settings = runtime.settings
     millis = int(time.time() * 1000)
     done = 0
     for user_id, outcome in zip(user_ids, outcomes, strict=True):
         if isinstance(outcome, UpstreamError):
             job_id = f"prefetch:{user_id}:{millis}"
-            await settle_failure(
-                runtime, priority, user_id, job_id, 1, outcome, started, origin=origin, force=force
-            )
+            if outcome.retryable and settings.prefetch_max_attempts > 1:
+                # Its second attempt, as a job of its own (written with this message's ack).
+                broker.actors[actor_name(priority)].send_with_options(
+                    args=(user_id, job_id),
+                    kwargs=job_kwargs(origin, force),
+                    delay=backoff_ms(runtime, 1),
+                    retries=1,
+                )
+            else:
+                runtime.prefetcher.record(False, started, origin)
+                ledger.failed(_record(job_id, user_id, priority, str(outcome), 1))
         elif isinstance(outcome, BaseException):
-            unexpected.append(outcome)
+            # Redis failed mid-batch (the executor runs the message again later: nothing of
+            # this run is written), or a bug (Dramatiq's Retries retries the message).
+            raise outcome
         else:
             done += 1
             runtime.prefetcher.record(True, started, origin)
-    await runtime.jobs.count_completed(done)
-    if unexpected:
-        # Redis went away mid-batch: let Dramatiq retry the message (done users are no-ops
-        # for hot, cheap refreshes for warm).
-        raise unexpected[0]
+    return done
 
 
-def register_actors(broker: dramatiq.Broker, holder: RuntimeHolder) -> None:
-    """Declare the six actors (and so their queues) on `broker`."""
+def _record(job_id: str, user_id: str, priority: str, reason: str, attempts: int) -> bytes:
+    return wire.json_encoder.encode(
+        wire.FailedJob(
+            id=job_id,
+            userId=user_id,
+            priority=priority,
+            failedReason=reason,
+            attempts=attempts,
+            timestamp=int(time.time() * 1000),
+        )
+    )
+
+
+_started: contextvars.ContextVar[float] = contextvars.ContextVar("job_started", default=0.0)
+_attempt: contextvars.ContextVar[int] = contextvars.ContextVar("job_attempt", default=1)
+
+
+class JobOutcome(dramatiq.Middleware):
+    """Records how a job ended in its ledger: completion, retry, or failure for good.
+
+    Listed before Retries: `after_*` hooks run in reverse order, so this one sees Retries'
+    decision (the retry message it enqueued, or the message failed).
+    """
+
+    def __init__(self, holder: RuntimeHolder) -> None:
+        self._holder = holder
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        _started.set(time.perf_counter())
+        _attempt.set(int(message.options.get("retries", 0)) + 1)
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        try:
+            ledger = layout.current_ledger()
+        except RuntimeError:
+            return  # not run by the executor
+        priority = q_name(message.queue_name)
+        attempts = _attempt.get()
+        if message.actor_name.startswith("prefetch_batch_"):
+            if exception is None:
+                ledger.completed(int(result or 0))
+            elif message.failed:
+                reason = str(exception)
+                ledger.failed(_record(message.args[1], "", priority, reason, attempts))
+            return
+        user_id, job_id = message.args[0], message.args[1]
+        pending = keys.pending_job(user_id)
+        if exception is None:
+            ledger.clear_pending(pending, job_id)
+            ledger.completed(1)
+        elif message.failed:
+            ledger.clear_pending(pending, job_id)
+            ledger.failed(_record(job_id, user_id, priority, str(exception), attempts))
+            origin = message.kwargs.get("origin", "schedule")
+            self._holder.get().prefetcher.record(False, _started.get(), origin)
+        elif ledger.messages:
+            ledger.move_pending(pending, job_id, ledger.messages[-1])
+
+
+def register_actors(broker: dramatiq.Broker, holder: RuntimeHolder) -> dict[str, Handler]:
+    """Declare the six actors (and so their queues) on `broker`; their coroutines by name."""
+    handlers: dict[str, Handler] = {}
+    options = {"throws": (UpstreamError,)}
     for priority, queue in QUEUES.items():
-        dramatiq.Actor(
-            _bind(holder, run_job, priority),  # type: ignore[arg-type]
-            broker=broker,
-            actor_name=actor_name(priority),
-            queue_name=queue,
-            priority=ACTOR_PRIORITY[priority],
-            options={"time_limit": TIME_LIMIT_MS},
-        )
-        dramatiq.Actor(
-            _bind(holder, run_batch, priority),  # type: ignore[arg-type]
-            broker=broker,
-            actor_name=actor_name(priority, batch=True),
-            queue_name=queue,
-            priority=ACTOR_PRIORITY[priority],
-            options={"time_limit": TIME_LIMIT_MS},
-        )
+        for batch in (False, True):
+            name = actor_name(priority, batch=batch)
+            handler = _bind(holder, priority, batch=batch)
+            dramatiq.Actor(
+                handler,
+                broker=broker,
+                actor_name=name,
+                queue_name=queue,
+                priority=ACTOR_PRIORITY[priority],
+                options=dict(options),
+            )
+            handlers[name] = handler
+    return handlers
 
 
-def _bind(
-    holder: RuntimeHolder, fn: Callable[..., Awaitable[None]], priority: str
-) -> Callable[..., Awaitable[None]]:
-    async def actor(*args: Any, **kwargs: Any) -> None:
-        await fn(holder.get(), priority, *args, **kwargs)
+def _bind(holder: RuntimeHolder, priority: str, *, batch: bool) -> Handler:
+    if batch:
 
-    actor.__name__ = f"{fn.__name__}_{priority}"
-    actor.__qualname__ = actor.__name__
+        async def actor(*args: Any, **kwargs: Any) -> Any:
+            assert holder.broker is not None
+            return await run_batch(holder.get(), holder.broker, priority, *args, **kwargs)
+
+        name = f"run_batch_{priority}"
+    else:
+
+        async def actor(*args: Any, **kwargs: Any) -> Any:
+            return await run_job(holder.get(), priority, *args, **kwargs)
+
+        name = f"run_job_{priority}"
+    actor.__name__ = actor.__qualname__ = name
     return actor

@@ -1,8 +1,10 @@
 """The job queue as the API and the actors see it: schedule, dedup, stats, failures, retry.
 
-Messages are Dramatiq messages on Dramatiq's Redis layout (namespace `prefetch:queue`), one
-queue per priority. Scheduling writes them with our own script so that the one-pending-job-
-per-user check and the enqueue are one atomic step (and one round trip) instead of three.
+Messages are Dramatiq messages, built by Dramatiq's own `broker.enqueue` (one queue per
+priority); scheduling writes them with our own script (engine/broker/dramatiq_layout.py) so
+that the one-pending-job-per-user check and the enqueue are one atomic step (and one round
+trip) instead of three. A user's pending mark names the message of the job's current attempt,
+and counts only while that message exists.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import dramatiq
 
 from engine import wire
+from engine.broker import dramatiq_layout as layout
 from engine.errors import Conflict, NotFound
 from engine.store import keys
 from engine.store.fastredis import FastRedis, Script
@@ -70,32 +73,20 @@ def job_kwargs(origin: str, force: bool) -> dict[str, Any]:
     return {"origin": origin, "force": force}
 
 
-def encode_message(
-    queue: str,
-    actor: str,
-    args: tuple[Any, ...],
-    delay_ms: int,
-    kwargs: dict[str, Any] | None = None,
-) -> tuple[str, str, bytes]:
-    """(queue to push on, redis message id, encoded message) as Dramatiq's broker would write."""
-    redis_id = str(uuid.uuid4())
-    options: dict[str, Any] = {"redis_message_id": redis_id}
-    if delay_ms > 0:
-        queue = f"{queue}.DQ"
-        options["eta"] = int(time.time() * 1000) + delay_ms
-    message: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name=queue, actor_name=actor, args=args, kwargs=kwargs or {}, options=options
-    )
-    return queue, redis_id, message.encode()
-
-
-_SCHEDULE = Script.load(__file__, "schedule.lua")
-
-_FINISH = Script.load(__file__, "finish.lua")
-
 _FAIL = Script.load(__file__, "fail.lua")
 
-_PUSH = Script.load(__file__, "push.lua")
+
+def job_message(
+    priority: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, batch: bool = False
+) -> dramatiq.Message[Any]:
+    """The Dramatiq message of a prefetch job, before the broker gives it an id."""
+    return dramatiq.Message(
+        queue_name=QUEUES[priority],
+        actor_name=actor_name(priority, batch=batch),
+        args=args,
+        kwargs=kwargs,
+        options={},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +103,9 @@ class Scheduled:
 class JobQueue:
     """Queue operations over the queue DB; safe to share between coroutines of a process."""
 
-    def __init__(self, redis: FastRedis) -> None:
+    def __init__(self, redis: FastRedis, broker: dramatiq.Broker | None = None) -> None:
         self._redis = redis
+        self._broker = broker or layout.encoder_broker()
 
     async def schedule(
         self,
@@ -130,28 +122,46 @@ class JobQueue:
         `force`: the job refreshes the entry even when a fresh hot one exists (events); a
         pending job that is not forced does not cover a forced one.
         """
+        return await self._schedule(user_id, priority, delay_ms, job_id, origin, force, None)
+
+    async def _schedule(
+        self,
+        user_id: str,
+        priority: str,
+        delay_ms: int,
+        job_id: str | None,
+        origin: str,
+        force: bool,
+        failed_record: bytes | None,
+    ) -> Scheduled:
         job_id = job_id or new_job_id(user_id)
         kwargs = job_kwargs(origin, force)
+        retry_keys = [keys.FAILED_JOBS] if failed_record is not None else []
+        retry_args = [failed_record] if failed_record is not None else []
         while True:
-            queue, redis_id, data = encode_message(
-                QUEUES[priority], actor_name(priority), (user_id, job_id), delay_ms, kwargs
+            message = layout.encode(
+                self._broker, job_message(priority, (user_id, job_id), kwargs), delay_ms
             )
             reply = await self._redis.evalsha_or_eval(
-                _SCHEDULE,
+                layout.SCHEDULE,
                 [
                     keys.pending_job(user_id),
-                    keys.queue_list(queue),
-                    keys.queue_list(queue) + ".msgs",
+                    layout.queue_key(message.queue),
+                    layout.messages_key(message.queue),
+                    *retry_keys,
                 ],
                 [
                     job_id,
                     PRIORITY_RANK[priority],
                     priority,
                     delay_ms,
-                    redis_id,
-                    data,
+                    message.redis_id,
+                    message.data,
                     delay_ms + 3_600_000,
+                    layout.NAMESPACE,
+                    QUEUES[priority],
                     1 if force else 0,
+                    *retry_args,
                 ],
             )
             if reply[0] != 2:
@@ -160,6 +170,8 @@ class JobQueue:
             # share an id (finishing one would clear the other's pending mark).
             job_id = _next_job_id(job_id)
         created, got_id, got_priority, got_delay = reply
+        if created == 3:
+            raise _RetryLost()
         return Scheduled(
             jobId=got_id.decode(),
             userId=user_id,
@@ -167,44 +179,6 @@ class JobQueue:
             delay=int(got_delay),
             deduplicated=not created,
         )
-
-    async def requeue(
-        self,
-        user_id: str,
-        job_id: str,
-        priority: str,
-        attempt: int,
-        delay_ms: int,
-        *,
-        origin: str = "schedule",
-        force: bool = False,
-    ) -> None:
-        """Enqueue the next attempt of a job that failed in a retryable way (no dedup check)."""
-        queue, redis_id, data = encode_message(
-            QUEUES[priority],
-            actor_name(priority),
-            (user_id, job_id, attempt),
-            delay_ms,
-            job_kwargs(origin, force),
-        )
-        await self._push(queue, redis_id, data)
-
-    async def _push(
-        self, queue: str, redis_id: str, data: bytes, fence: Fence | None = None
-    ) -> bool:
-        """Write a message as Dramatiq's enqueue does: its body, then its id on the queue.
-
-        With a `fence`, nothing is written unless the fence key holds its value, in the same
-        atomic step; returns whether the message was written.
-        """
-        fence_keys = [fence.key] if fence is not None else []
-        fence_args = [fence.value] if fence is not None else []
-        written = await self._redis.evalsha_or_eval(
-            _PUSH,
-            [keys.queue_list(queue), keys.queue_list(queue) + ".msgs", *fence_keys],
-            [redis_id, data, *fence_args],
-        )
-        return bool(written == 1)
 
     async def schedule_batch(
         self,
@@ -220,21 +194,21 @@ class JobQueue:
         Returns the batch id, or None when `fence` refused the enqueue (a stale leader).
         """
         batch_id = f"batch:{uuid.uuid4()}"
-        queue, redis_id, data = encode_message(
-            QUEUES[priority],
-            actor_name(priority, batch=True),
-            (user_ids, batch_id),
-            0,
-            job_kwargs(origin, force),
+        message = layout.encode(
+            self._broker,
+            job_message(priority, (user_ids, batch_id), job_kwargs(origin, force), batch=True),
         )
-        return batch_id if await self._push(queue, redis_id, data, fence) else None
+        fenced = (fence.key, fence.value) if fence is not None else None
+        return batch_id if await layout.push(self._redis, message, fenced) else None
 
     async def stats(self) -> dict[str, Any]:
-        """The queue's counts, read in one pipeline."""
-        commands: list[tuple[Any, ...]] = []
-        for queue in QUEUES.values():
-            name = keys.queue_list(queue)
-            commands += [("LLEN", name), ("HLEN", name + ".msgs"), ("HLEN", name + ".DQ.msgs")]
+        """The queue's counts, read in one pipeline.
+
+        `dead` counts the messages in Dramatiq's dead-letter queues (kept 7 days); each of them
+        also has its record in the failed list while it is among the newest 50.
+        """
+        queues = list(QUEUES.values())
+        commands = layout.stats_commands(queues)
         commands += [("GET", keys.JOBS_COMPLETED), ("GET", keys.JOBS_FAILED)]
         replies = await self._redis.pipeline(commands)
         for reply in replies:
@@ -242,11 +216,12 @@ class JobQueue:
                 raise reply
         by_priority: dict[str, dict[str, int]] = {}
         for i, priority in enumerate(QUEUES):
-            waiting, unacked, delayed = (int(r) for r in replies[3 * i : 3 * i + 3])
+            waiting, messages, delayed, dead = (int(r) for r in replies[4 * i : 4 * i + 4])
             by_priority[priority] = {
                 "waiting": waiting,
-                "active": max(0, unacked - waiting),
+                "active": max(0, messages - waiting),
                 "delayed": delayed,
+                "dead": dead,
             }
         return {
             "name": "prefetch",
@@ -255,26 +230,13 @@ class JobQueue:
             "completed": int(replies[-2] or 0),
             "failed": int(replies[-1] or 0),
             "delayed": sum(p["delayed"] for p in by_priority.values()),
+            "dead": sum(p["dead"] for p in by_priority.values()),
             "byPriority": by_priority,
         }
 
-    async def complete(self, user_id: str, job_id: str) -> None:
-        """A job finished well: clear its pending mark, count it."""
-        await self._redis.evalsha_or_eval(
-            _FINISH, [keys.pending_job(user_id), keys.JOBS_COMPLETED], [job_id]
-        )
-
-    async def count_completed(self, count: int) -> None:
-        """Count users of a batch message that finished well (they have no pending mark)."""
-        if count:
-            await self._redis.execute("INCRBY", keys.JOBS_COMPLETED, count)
-
     async def fail(self, job: wire.FailedJob) -> None:
-        """A job failed for good: clear its pending mark, count it, keep it in the failed list.
-
-        One script, so that the count and the list never disagree (the list used to be written
-        in a second round trip, whose errors were not even checked).
-        """
+        """Record a job as failed for good without a message of its own (tests, tools): clear
+        its pending mark, count it, keep it in the failed list, in one step."""
         await self._redis.evalsha_or_eval(
             _FAIL,
             [keys.pending_job(job.userId), keys.JOBS_FAILED, keys.FAILED_JOBS],
@@ -287,7 +249,11 @@ class JobQueue:
         return [wire.failed_job_decoder.decode(item) for item in raw]
 
     async def retry(self, job_id: str) -> Scheduled:
-        """Enqueue a failed job again under its id; NotFound / Conflict otherwise."""
+        """Enqueue a failed job again under its id; NotFound / Conflict otherwise.
+
+        Taking the record out of the failed list and scheduling are one atomic step: a crash
+        between the two can neither lose the job nor schedule it twice.
+        """
         match = JOB_ID.match(job_id)
         if match is None:
             raise NotFound(f"No job {job_id}", code="JOB_NOT_FOUND")
@@ -296,12 +262,18 @@ class JobQueue:
             job = wire.failed_job_decoder.decode(raw)
             if job.id != job_id:
                 continue
-            # LREM decides between concurrent retries of one job: only one removes it.
-            if await self._redis.execute("LREM", keys.FAILED_JOBS, 1, raw) == 1:
+            try:
                 # A pending job of equal or higher priority already covers the user.
-                return await self.schedule(user_id, job.priority, 0, job_id=job_id)
-            break
+                return await self._schedule(
+                    user_id, job.priority, 0, job_id, "schedule", False, raw
+                )
+            except _RetryLost:
+                break  # a concurrent retry took it
         pending = await self._redis.execute("HGET", keys.pending_job(user_id), "jobId")
         if pending is not None and pending.decode() == job_id:
             raise Conflict(f"Job {job_id} has not failed", code="JOB_NOT_FAILED")
         raise NotFound(f"No job {job_id}", code="JOB_NOT_FOUND")
+
+
+class _RetryLost(Exception):
+    """The failed record was taken by a concurrent retry."""

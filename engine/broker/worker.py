@@ -1,32 +1,30 @@
-"""A worker process: uvloop, one Dramatiq worker, one Runtime (Redis, HTTP session).
+"""A worker process: uvloop, Dramatiq's consumers, the job executor, one Runtime.
 
-Built entirely after fork by `run_worker`. Async actors run on Dramatiq's event-loop thread
-(uvloop); `PREFETCH_JOB_CONCURRENCY` worker threads each hold one job in flight.
+Built entirely after fork by `run_worker`. Dramatiq's consumer threads (one per queue and
+delay queue) fetch messages; the executor runs them as coroutines on this process's loop,
+`PREFETCH_JOB_CONCURRENCY` at once, and settles them in batches (engine/broker/executor.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import signal
-import threading
-import time
-from contextlib import AbstractAsyncContextManager
-from types import FrameType
 
-import dramatiq
 import redis
 import uvloop
-from dramatiq.asyncio import EventLoopThread, get_event_loop_thread, set_event_loop_thread
-from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import AsyncIO, Retries, TimeLimit
+from dramatiq.middleware import CurrentMessage, Retries
 
-from engine.broker.actors import RuntimeHolder, register_actors
+from engine.broker import dramatiq_layout as layout
+from engine.broker.actors import JobOutcome, RuntimeHolder, register_actors
+from engine.broker.dramatiq_worker import LoopWorker
+from engine.broker.executor import Executor, Handler
+from engine.broker.jobs import FAILED_KEEP, QUEUES
 from engine.process import set_title
-from engine.runtime import Runtime, open_runtime
+from engine.runtime import open_runtime
 from engine.settings import Settings
-from engine.store import keys
 
 log = logging.getLogger(__name__)
 
@@ -39,139 +37,123 @@ MAINTENANCE_CHANCE = 20_000
 POLL_TIMEOUT_MS = 250
 # After the drain, time for the consumer threads to notice the stop (a few polls).
 STOP_CONSUMERS_MS = 1_000
+# How often the process checks that its consumer threads are alive.
+WATCH_S = 1.0
+EXIT_CONSUMER_DIED = 5
 
 
-class QuietAsyncIO(AsyncIO):
-    """Dramatiq's AsyncIO middleware, with job threads waking once a second, not ten times.
+def broker_pool(settings: Settings) -> redis.BlockingConnectionPool:
+    """The broker's redis-py pool, sized from the threads that use it.
 
-    Each thread waiting on its coroutine polls for asynchronous interrupts (time limits)
-    every `interrupt_check_ival`; with 100 threads the default 0.1 s costs 1,000 wake-ups a
-    second. A time limit of minutes does not need a tenth of a second of precision.
+    Only the consumer threads (one per queue and delay queue) talk to Redis through
+    redis-py; a blocking pool makes a burst wait for a connection instead of failing with
+    `Too many connections` (redis-py's default pool is capped and raises).
     """
-
-    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        thread = EventLoopThread(self.logger, interrupt_check_ival=1.0)
-        thread.start(timeout=1.0)
-        set_event_loop_thread(thread)
-
-
-class RuntimeMiddleware(dramatiq.Middleware):
-    """Opens the Runtime on the event-loop thread at boot, closes it at shutdown.
-
-    It must come right after AsyncIO in the middleware list: `before_*` hooks run in list
-    order (the loop exists before the Runtime opens, and the Runtime is open before the first
-    consumer starts, so no job finds it missing) and `after_*` hooks in reverse order (the
-    Runtime closes while the loop still runs).
-    """
-
-    def __init__(self, settings: Settings, holder: RuntimeHolder) -> None:
-        self._settings = settings
-        self._holder = holder
-        self._lifespan: AbstractAsyncContextManager[Runtime] | None = None
-
-    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        thread = get_event_loop_thread()
-        assert thread is not None, "AsyncIO middleware must come before RuntimeMiddleware"
-        self._lifespan = open_runtime(self._settings, http_limit=self._settings.job_concurrency * 2)
-        self._holder.runtime = thread.run_coroutine(self._lifespan.__aenter__())
-
-    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        thread = get_event_loop_thread()
-        runtime = self._holder.runtime
-        if self._lifespan is None or thread is None or runtime is None:
-            return
-        stuck = sum(1 for t in worker.workers if t.is_alive())
-        if stuck:
-            # Jobs still running after PREFETCH_SHUTDOWN_TIMEOUT stay unacked and go back to
-            # the queue when this process exits; closing the session under them would turn
-            # the shutdown into upstream failures (and retries). Only save the metrics.
-            log.warning("%d jobs still running at shutdown: handed back to the queue", stuck)
-            thread.run_coroutine(runtime.stats.flush())
-            return
-        thread.run_coroutine(self._lifespan.__aexit__(None, None, None))
-        self._holder.runtime = None
-
-
-def make_broker(settings: Settings, broker_id: str | None = None) -> RedisBroker:
-    """A RedisBroker on the queue DB under the `prefetch:queue` namespace."""
-    holder = RuntimeHolder()
-    # redis-py 8 caps a pool at 100 connections by default; every job thread may hold one.
-    client = redis.Redis.from_url(
-        settings.redis_url, db=settings.db_queue, max_connections=settings.job_concurrency + 50
+    consumers = 2 * len(QUEUES)
+    return redis.BlockingConnectionPool.from_url(
+        settings.redis_url, db=settings.db_queue, max_connections=consumers + 2, timeout=20
     )
-    broker = RedisBroker(  # type: ignore[no-untyped-call]
-        client=client,
-        namespace=keys.QUEUE_NAMESPACE,
+
+
+def make_broker(
+    settings: Settings, broker_id: str | None = None
+) -> tuple[layout.PrefetchBroker, RuntimeHolder, dict[str, Handler]]:
+    """A broker on the queue DB under the `prefetch:queue` namespace, with the actors."""
+    holder = RuntimeHolder()
+    broker = layout.PrefetchBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis(connection_pool=broker_pool(settings)),
+        namespace=layout.NAMESPACE,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
         maintenance_chance=MAINTENANCE_CHANCE,
         middleware=[
-            TimeLimit(),
-            # Only for unexpected errors (Redis lost mid-job): upstream failures retry in
-            # engine.broker.actors with exact delays.
-            Retries(max_retries=20, min_backoff=1_000, max_backoff=60_000),
-            QuietAsyncIO(),
-            RuntimeMiddleware(settings, holder),
+            CurrentMessage(),
+            JobOutcome(holder),
+            # Attempts after the first; upstream failures raise Retry with an exact delay,
+            # anything else unexpected backs off from PREFETCH_BACKOFF_MS (with jitter).
+            Retries(
+                max_retries=settings.prefetch_max_attempts - 1,
+                min_backoff=max(1, settings.prefetch_backoff_ms),
+                max_backoff=600_000,
+            ),
         ],
     )
     if broker_id is not None:
         broker.broker_id = broker_id
-    register_actors(broker, holder)
-    return broker
+    holder.broker = broker
+    handlers = register_actors(broker, holder)
+    return broker, holder, handlers
 
 
-def make_worker(settings: Settings, broker: RedisBroker) -> dramatiq.Worker:
-    worker = dramatiq.Worker(
-        broker, worker_threads=settings.job_concurrency, worker_timeout=POLL_TIMEOUT_MS
+def make_worker(settings: Settings, broker: layout.PrefetchBroker) -> LoopWorker:
+    return LoopWorker(
+        broker,
+        queue_prefetch=settings.queue_prefetch,
+        delay_prefetch=settings.delay_queue_prefetch,
+        worker_timeout=POLL_TIMEOUT_MS,
     )
-    worker.queue_prefetch = settings.queue_prefetch
-    worker.delay_prefetch = settings.delay_queue_prefetch
-    return worker
 
 
 def run_worker(settings: Settings, index: int, broker_id: str) -> int:
     """Body of a worker child: serve jobs until SIGTERM/SIGINT, then drain. Returns exit code."""
     set_title(f"prefetch: worker {index}")
-    uvloop.install()
-    stop = threading.Event()
+    return uvloop.run(serve(settings, index, broker_id))
+
+
+async def serve(settings: Settings, index: int, broker_id: str) -> int:
+    """Serve jobs on this loop until a signal (drain) or a dead consumer (exit to be replaced)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     signals = 0
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals > 1:
             os._exit(1)  # a second signal kills, drain or not
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    broker = make_broker(settings, broker_id)
-    broker.emit_after("process_boot")  # as Dramatiq's CLI does: starts TimeLimit's timer
-    worker = make_worker(settings, broker)
-    worker.start()
-    # Everything alive now (modules, the Runtime) lives as long as the process: keep it out
-    # of every future collection, which otherwise rescans it while 100 jobs churn objects.
-    gc.freeze()
-    log.info("worker %d up (%s), %d jobs in flight", index, broker_id, settings.job_concurrency)
-    stop.wait()
-    log.info("worker %d draining (up to %d ms)", index, settings.prefetch_shutdown_timeout_ms)
-    drain(worker, settings.prefetch_shutdown_timeout_ms)
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
+    loop.add_signal_handler(signal.SIGINT, on_signal)
+    broker, holder, handlers = make_broker(settings, broker_id)
+    http_limit = settings.job_concurrency * 2
+    async with open_runtime(settings, http_limit=http_limit) as runtime:
+        holder.runtime = runtime
+        worker = make_worker(settings, broker)
+        executor = Executor(
+            broker,
+            worker,
+            runtime.redis["queue"],
+            handlers,
+            concurrency=settings.job_concurrency,
+            failed_keep=FAILED_KEEP,
+        )
+        broker.emit_after("process_boot")
+        worker.start()
+        executor.start()
+        # Everything alive now (modules, the Runtime) lives as long as the process: keep it
+        # out of every future collection, which otherwise rescans it while jobs churn objects.
+        gc.freeze()
+        log.info("worker %d up (%s), %d jobs in flight", index, broker_id, settings.job_concurrency)
+        code = await _watch(worker, stop)
+        log.info("worker %d draining (up to %d ms)", index, settings.prefetch_shutdown_timeout_ms)
+        stuck = await executor.drain(settings.prefetch_shutdown_timeout_ms / 1000)
+        if stuck:
+            log.warning("%d jobs still running at shutdown: handed back to the queue", stuck)
+        # Hands back what was fetched but not started, stops and closes the consumers.
+        await asyncio.to_thread(worker.stop, STOP_CONSUMERS_MS)
     broker.close()
-    return 0
+    return code
 
 
-def drain(worker: dramatiq.Worker, timeout_ms: int) -> None:
-    """Let the running jobs finish within `timeout_ms` in all, then stop the worker.
-
-    Worker.stop(timeout) alone cuts drains short: its join_all subtracts the total elapsed
-    time from the remaining budget at every thread, so with 100 threads idling in 250 ms polls
-    a 10 s budget is gone after ~40 joins and a job still running is abandoned in under a
-    second. Jobs left running past the deadline stay unacknowledged: the supervisor hands
-    them back to the queue when this process exits.
-    """
-    deadline = time.monotonic() + timeout_ms / 1000
-    for thread in worker.workers:
-        thread.stop()  # finish the current job, take no new one
-    for thread in worker.workers:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    # Requeues what was prefetched but not started, stops the consumers, closes the Runtime.
-    worker.stop(timeout=STOP_CONSUMERS_MS)
+async def _watch(worker: LoopWorker, stop: asyncio.Event) -> int:
+    """Wait for the stop signal; a consumer thread that died makes the process exit instead
+    (the supervisor replaces it and hands its messages back)."""
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), WATCH_S)
+            return 0
+        except TimeoutError:
+            dead = worker.dead_consumers()
+            if dead:
+                log.error("consumer threads died (%s): exiting to be replaced", ", ".join(dead))
+                return EXIT_CONSUMER_DIED

@@ -38,15 +38,20 @@ async def eval_many(
     """Run `script` once per (keys, args) call, all in one pipeline; the replies in order.
 
     A server that does not know the script yet (NOSCRIPT) gets it loaded once and the calls
-    repeated; any other error reply raises RedisReplyError.
+    that it refused repeated, and only those: another connection may load the script while
+    this pipeline runs, so some calls may already have run (and scripts need not be
+    idempotent). Any other error reply raises RedisReplyError.
     """
     if not calls:
         return []
     commands = [("EVALSHA", script.sha, len(k), *k, *a) for k, a in calls]
     replies = await redis.pipeline(commands)
-    if any(_noscript(reply) for reply in replies):
+    refused = [i for i, reply in enumerate(replies) if _noscript(reply)]
+    if refused:
         await redis.execute("SCRIPT", "LOAD", script.source)
-        replies = await redis.pipeline(commands)
+        again = await redis.pipeline([commands[i] for i in refused])
+        for i, reply in zip(refused, again, strict=True):
+            replies[i] = reply
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply

@@ -1,0 +1,225 @@
+"""Everything that knows how Dramatiq's RedisBroker lays out its queues in Redis.
+
+Dramatiq (pinned to its minor version in pyproject.toml; tests/test_engine_layout.py checks
+the assumptions) keeps, under a namespace, for each queue `Q`: a list `ns:Q` of waiting
+message ids, a hash `ns:Q.msgs` id -> encoded message, the delayed twin `Q.DQ`, the
+dead-letter set `ns:Q.XQ` (+ `.XQ.msgs`), one set `ns:__acks__.<broker id>.<Q>` per consumer
+of the ids it fetched and has not acknowledged, and `ns:__heartbeats__`.
+
+Messages are built by Dramatiq itself (`broker.enqueue`, `Actor.send_with_options`, the
+Retries middleware); inside a `Ledger` the broker does not write them but records them, so
+that our scripts can write them together with what must happen in the same atomic step: the
+one-pending-job-per-user check (schedule.lua), a leader's fence (push.lua), or a job's
+outcome and its acknowledgement (settle.lua). Every script here writes Dramatiq's layout
+exactly as its own dispatch.lua does (tests compare the Redis state of both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from engine.store import keys
+from engine.store.fastredis import Arg, FastRedis, Script
+
+NAMESPACE = keys.QUEUE_NAMESPACE
+HEARTBEATS = f"{NAMESPACE}:__heartbeats__"
+
+SCHEDULE = Script.load(__file__, "schedule.lua")
+PUSH = Script.load(__file__, "push.lua")
+SETTLE = Script.load(__file__, "settle.lua")
+PROMOTE = Script.load(__file__, "promote.lua")
+RECOVER = Script.load(__file__, "recover_acks.lua")
+
+
+def queue_key(queue: str) -> str:
+    """The list of waiting message ids of a queue (or of a delay queue `X.DQ`)."""
+    return f"{NAMESPACE}:{queue}"
+
+
+def messages_key(queue: str) -> str:
+    """The hash id -> encoded message of a queue."""
+    return f"{NAMESPACE}:{queue}.msgs"
+
+
+def dead_key(queue: str) -> str:
+    """Dramatiq's dead-letter set of a queue (ids by when they died)."""
+    return f"{NAMESPACE}:{queue}.XQ"
+
+
+def acks_pattern() -> str:
+    """Every consumer's set of fetched-but-unacknowledged ids."""
+    return f"{NAMESPACE}:__acks__.*"
+
+
+def delay_queue(queue: str) -> str:
+    return f"{queue}.DQ"
+
+
+def canonical(queue: str) -> str:
+    """`X` for `X.DQ`."""
+    return queue.removesuffix(".DQ")
+
+
+# --- messages, built by Dramatiq -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message as Dramatiq's enqueue would write it: on `queue`, under `redis_id`."""
+
+    queue: str
+    redis_id: str
+    data: bytes
+
+
+@dataclass(slots=True)
+class Ledger:
+    """What a step will write atomically: messages enqueued meanwhile, and settle ops."""
+
+    messages: list[Outgoing] = field(default_factory=list)
+    ops: list[Arg] = field(default_factory=list)
+    op_count: int = 0
+
+    def clear_pending(self, pending_key: str, job_id: str) -> None:
+        """The job is over: drop the user's pending mark if it is still this job's."""
+        self.ops += ("clear", pending_key, job_id)
+        self.op_count += 1
+
+    def move_pending(self, pending_key: str, job_id: str, message: Outgoing) -> None:
+        """The job's next attempt is `message`: its pending mark follows it."""
+        self.ops += ("move", pending_key, job_id, canonical(message.queue), message.redis_id)
+        self.op_count += 1
+
+    def completed(self, count: int) -> None:
+        """Count `count` jobs that finished well."""
+        if count:
+            self.ops += ("completed", count)
+            self.op_count += 1
+
+    def failed(self, record: bytes) -> None:
+        """Count a job that failed for good and keep its record in the failed list."""
+        self.ops += ("failed", record)
+        self.op_count += 1
+
+    def settle_args(self) -> list[Arg]:
+        """The ops, with every captured message pushed first."""
+        pushed: list[Arg] = []
+        for m in self.messages:
+            pushed += ("push", m.queue, m.redis_id, m.data)
+        return pushed + self.ops
+
+    @property
+    def total_ops(self) -> int:
+        return len(self.messages) + self.op_count
+
+
+_ledger: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(
+    "prefetch_ledger", default=None
+)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[Ledger]:
+    """Within this block (this task or thread only), Dramatiq's enqueues go to the ledger."""
+    ledger = Ledger()
+    token = _ledger.set(ledger)
+    try:
+        yield ledger
+    finally:
+        _ledger.reset(token)
+
+
+def current_ledger() -> Ledger:
+    """The ledger of the step in progress (a job run by the executor)."""
+    ledger = _ledger.get()
+    if ledger is None:
+        raise RuntimeError("no ledger: not inside a job")
+    return ledger
+
+
+class PrefetchBroker(RedisBroker):
+    """Dramatiq's RedisBroker, whose enqueues inside `deferred()` are recorded, not written."""
+
+    def do_enqueue(self, queue_name: str, redis_id: str, data: bytes) -> Any:
+        ledger = _ledger.get()
+        if ledger is None:
+            return self._dispatch("enqueue")(queue_name, redis_id, data)  # type: ignore[no-untyped-call]
+        ledger.messages.append(Outgoing(queue_name, redis_id, data))
+        return None
+
+
+def encode(broker: dramatiq.Broker, message: dramatiq.Message[Any], delay_ms: int = 0) -> Outgoing:
+    """`message` as `broker.enqueue(message, delay=...)` would write it (nothing is written)."""
+    with deferred() as ledger:
+        broker.enqueue(message, delay=delay_ms or None)
+    (outgoing,) = ledger.messages
+    return outgoing
+
+
+def encoder_broker() -> PrefetchBroker:
+    """A broker that only builds messages (the API's): no middleware, never connects."""
+    # redis-py connects lazily, and this client is never used.
+    client = redis.Redis()
+    return PrefetchBroker(client=client, namespace=NAMESPACE, middleware=[])  # type: ignore[no-untyped-call]
+
+
+# --- scripts over the layout ------------------------------------------------------------------
+
+
+async def push(redis: FastRedis, message: Outgoing, fence: tuple[str, str] | None = None) -> bool:
+    """Write `message` as Dramatiq's enqueue does; with a fence (key, value), only while the
+    key holds the value, in the same atomic step. Returns whether it was written."""
+    fence_keys = [fence[0]] if fence is not None else []
+    fence_args = [fence[1]] if fence is not None else []
+    written = await redis.evalsha_or_eval(
+        PUSH,
+        [queue_key(message.queue), messages_key(message.queue), *fence_keys],
+        [message.redis_id, message.data, *fence_args],
+    )
+    return bool(written == 1)
+
+
+def settle_keys() -> list[str]:
+    return [NAMESPACE, keys.JOBS_COMPLETED, keys.JOBS_FAILED, keys.FAILED_JOBS]
+
+
+def settle_group(verb: str, queue: str, redis_id: str, ledger: Ledger | None) -> list[Arg]:
+    """One message's part of a settle call: its verb (ack, nack, back) and its ledger's ops."""
+    if ledger is None:
+        return [verb, queue, redis_id, 0]
+    return [verb, queue, redis_id, ledger.total_ops, *ledger.settle_args()]
+
+
+async def settle(redis: FastRedis, broker_id: str, groups: list[Arg], failed_keep: int) -> int:
+    """Settle messages (see settle.lua) in one atomic step; returns how many were still ours."""
+    reply = await redis.evalsha_or_eval(
+        SETTLE, settle_keys(), [broker_id, int(time.time() * 1000), failed_keep, *groups]
+    )
+    return int(reply)
+
+
+def stats_commands(queues: list[str]) -> list[tuple[Arg, ...]]:
+    """Per queue: waiting, messages (waiting + running), delayed, dead-lettered."""
+    commands: list[tuple[Arg, ...]] = []
+    for queue in queues:
+        commands += [
+            ("LLEN", queue_key(queue)),
+            ("HLEN", messages_key(queue)),
+            ("HLEN", messages_key(delay_queue(queue))),
+            ("ZCARD", dead_key(queue)),
+        ]
+    return commands
+
+
+def all_queues(queues: list[str]) -> list[str]:
+    """Each queue and its delay queue."""
+    return [q for name in queues for q in (name, delay_queue(name))]

@@ -1,0 +1,215 @@
+"""The parts of Dramatiq's worker that the job executor builds on: its internals, in one place.
+
+We keep Dramatiq's consumer threads (one per queue: they fetch, prefetch, heartbeat, and hold
+delayed messages until their eta) and its in-memory priority work queue, and replace its
+100 worker threads by coroutines on the process's event loop (engine/broker/executor.py).
+This needs `dramatiq.worker.Worker`'s `_add_consumer`, `consumers` and `work_queue`, the
+`ConsumerThread` hooks `close`, `handle_delayed_messages` and `post_process_message`, and the
+Redis consumer's `queued_message_ids`. They are not public API: pyproject.toml pins Dramatiq's
+minor version, and tests/test_engine_layout.py checks each assumption.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from queue import PriorityQueue
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.broker import MessageProxy
+from dramatiq.common import current_millis, iter_queue, q_name
+from dramatiq.worker import ConsumerThread, _WorkQueueItem
+
+from engine import wire
+from engine.broker import dramatiq_layout as layout
+from engine.broker.jobs import FAILED_KEEP
+
+log = logging.getLogger(__name__)
+
+# A consumer that cannot reach Redis says so at most this often.
+WARN_EVERY_S = 5.0
+
+WorkItem = _WorkQueueItem
+
+
+class WorkQueue(PriorityQueue[WorkItem]):
+    """Dramatiq's in-memory work queue (lowest actor priority first, FIFO within one), which
+    tells the executor when an item arrives so that an idle event loop wakes up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_put: Callable[[], None] | None = None
+
+    def put(self, item: WorkItem, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        notify = self.on_put
+        if notify is not None:
+            notify()
+
+
+def discard_outstanding(consumer_thread: ConsumerThread, message: MessageProxy) -> None:
+    """The consumer stops counting `message` against its prefetch (it has been settled)."""
+    consumer = consumer_thread.consumer
+    if consumer is not None:
+        consumer.queued_message_ids.discard(message.message_id)  # type: ignore[attr-defined]
+
+
+class Consumer(ConsumerThread):
+    """Dramatiq's consumer thread, hardened.
+
+    - An error reply (OOM under `noeviction`, LOADING) while it hands back its delayed messages
+      no longer kills the thread for good: Dramatiq only catches connection errors there.
+    - A delayed message whose eta has passed moves to its queue in one atomic step, under the
+      same id (promote.lua), so the user's pending mark keeps naming it.
+    - A message that Dramatiq itself dead-letters (an unknown actor) gets a failed-list record.
+    """
+
+    _last_warning = 0.0
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY_S:
+            self._last_warning = now
+            log.warning("consumer of %s: %s: %r", self.queue_name, what, exc)
+
+    @property
+    def delay_queue(self) -> PriorityQueue[WorkItem]:
+        return self._delay_queue
+
+    @delay_queue.setter
+    def delay_queue(self, fresh: PriorityQueue[WorkItem]) -> None:
+        # After a connection error Dramatiq starts over with an empty delay queue, and the
+        # delayed messages it held stay in this worker's ack set, never run: keep them.
+        old: PriorityQueue[WorkItem] | None = self.__dict__.get("_delay_queue")
+        if old is not None:
+            for item in iter_queue(old):  # type: ignore[no-untyped-call]
+                fresh.put(item)
+        self._delay_queue = fresh
+
+    def close(self) -> None:
+        # Dramatiq's close takes the delayed messages out of memory before handing them back,
+        # and lets an error reply (not a connection error) kill the thread for good.
+        items: list[WorkItem] = list(iter_queue(self.delay_queue))  # type: ignore[no-untyped-call]
+        consumer = self.consumer
+        try:
+            if consumer is not None and items:
+                consumer.requeue([item.message for item in items])
+        except Exception as exc:
+            # Still ours in Redis: kept, and handed back or run once Redis takes writes.
+            self._warn("could not hand back its delayed messages", exc)
+            for item in items:
+                self.delay_queue.put(item)
+        try:
+            if consumer is not None:
+                consumer.close()
+        except Exception as exc:
+            self._warn("could not close", exc)
+
+    def handle_delayed_messages(self) -> None:
+        for item in iter_queue(self.delay_queue):  # type: ignore[no-untyped-call]
+            message = item.message
+            if item.priority > current_millis():
+                self.delay_queue.put(item)
+                self.delay_queue.task_done()
+                break
+            try:
+                self._promote(message)
+            except (redis.RedisError, OSError) as exc:
+                self._warn("could not move a delayed message to its queue", exc)
+                self.delay_queue.put(item)
+                self.delay_queue.task_done()
+                break
+            discard_outstanding(self, message)
+            self.delay_queue.task_done()
+
+    def _promote(self, message: MessageProxy) -> None:
+        queue = q_name(message.queue_name)
+        ready = message.copy(queue_name=queue)
+        del ready.options["eta"]
+        self._scripts()[0](
+            keys=[layout.NAMESPACE],
+            args=[self._broker_id(), queue, message.options["redis_message_id"], ready.encode()],
+        )
+
+    def _broker_id(self) -> str:
+        return str(self.broker.broker_id)  # type: ignore[attr-defined]
+
+    def _scripts(self) -> tuple[Any, Any]:
+        """(promote, settle) as redis-py scripts: EVALSHA, loading them on NOSCRIPT."""
+        scripts: tuple[Any, Any] | None = self.__dict__.get("_prefetch_scripts")
+        if scripts is None:
+            client: redis.Redis = self.broker.client  # type: ignore[attr-defined]
+            scripts = (
+                client.register_script(layout.PROMOTE.source),
+                client.register_script(layout.SETTLE.source),
+            )
+            self.__dict__["_prefetch_scripts"] = scripts
+        return scripts
+
+    def post_process_message(self, message: MessageProxy) -> None:
+        if not message.failed:
+            super().post_process_message(message)
+            return
+        # Only Dramatiq's own rejections come here (the executor settles the jobs it runs).
+        args = message.args
+        record = wire.FailedJob(
+            id=str(message.message_id),
+            userId=args[0] if args and isinstance(args[0], str) else "",
+            priority=q_name(message.queue_name),
+            failedReason=f"rejected by Dramatiq: {message._exception!r}",
+            attempts=int(message.options.get("retries", 0)) + 1,
+            timestamp=current_millis(),
+        )
+        ledger = layout.Ledger()
+        ledger.failed(wire.json_encoder.encode(record))
+        group = layout.settle_group(
+            "nack", self.queue_name, message.options["redis_message_id"], ledger
+        )
+        try:
+            self._scripts()[1](
+                keys=layout.settle_keys(),
+                args=[self._broker_id(), current_millis(), FAILED_KEEP, *group],
+            )
+        except (redis.RedisError, OSError) as exc:
+            self._warn("could not dead-letter a rejected message", exc)
+        discard_outstanding(self, message)
+
+
+class LoopWorker(dramatiq.Worker):
+    """Dramatiq's Worker with its consumer threads and work queue, and no worker threads:
+    the executor takes the work queue's items onto the event loop."""
+
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        *,
+        queue_prefetch: int,
+        delay_prefetch: int,
+        worker_timeout: int,
+    ) -> None:
+        super().__init__(broker, worker_timeout=worker_timeout, worker_threads=0)
+        self.queue_prefetch = queue_prefetch
+        self.delay_prefetch = delay_prefetch
+        self.work_queue: WorkQueue = WorkQueue()
+
+    def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
+        if queue_name in self.consumers:
+            return
+        consumer = self.consumers[queue_name] = Consumer(
+            broker=self.broker,
+            queue_name=queue_name,
+            prefetch=self.delay_prefetch if delay else self.queue_prefetch,
+            work_queue=self.work_queue,
+            worker_timeout=self.worker_timeout,
+        )
+        consumer.start()
+
+    def dead_consumers(self) -> list[str]:
+        """Queues whose consumer thread has died (the process should be replaced)."""
+        return [name for name, thread in self.consumers.items() if not thread.is_alive()]
+
+    def consumer_of(self, message: MessageProxy) -> ConsumerThread | None:
+        return self.consumers.get(message.queue_name)

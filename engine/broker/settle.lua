@@ -1,0 +1,72 @@
+-- Settles finished messages: each one's outcome and its acknowledgement in one atomic step, so
+-- that a message is never acknowledged without its outcome (stored, requeued, failed-listed).
+-- KEYS: namespace, completed counter, failed counter, failed list.
+-- ARGV: broker id, now ms, failed records kept, then per message:
+--   verb ('ack' | 'nack' | 'back'), queue, message id, op count, then the ops:
+--     'push' queue id data     enqueue a message as Dramatiq's enqueue does
+--     'clear' pending jobId    drop the user's pending mark if it is this job's
+--     'move' pending jobId queue id   the job's next attempt is that message
+--     'completed' n            count n completed jobs
+--     'failed' record          count a failed job and keep its record (newest first)
+-- A message's ops apply only if the message is still this worker's (SREM from its ack set):
+-- one that was handed to another worker meanwhile is settled by that one, and counted once.
+-- Replies the number of messages settled.
+local ns = KEYS[1]
+local settled = 0
+local i = 4
+while i <= #ARGV do
+  local verb, queue, id, nops = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  local mine = redis.call('SREM', ns .. ':__acks__.' .. ARGV[1] .. '.' .. queue, id) == 1
+  local msgs = ns .. ':' .. queue .. '.msgs'
+  if mine then
+    settled = settled + 1
+    if verb == 'ack' then
+      redis.call('HDEL', msgs, id)
+    elseif verb == 'nack' then
+      -- Dramatiq's dead-letter move; its DLQ never has a .DQ in its name.
+      local xq = ns .. ':' .. string.gsub(queue, '%.DQ$', '') .. '.XQ'
+      local data = redis.call('HGET', msgs, id)
+      if data then
+        redis.call('ZADD', xq, ARGV[2], id)
+        redis.call('HSET', xq .. '.msgs', id, data)
+        redis.call('HDEL', msgs, id)
+      end
+    elseif redis.call('HEXISTS', msgs, id) == 1 then -- 'back': Dramatiq's requeue
+      redis.call('RPUSH', ns .. ':' .. queue, id)
+    end
+  end
+  for _ = 1, nops do
+    local op = ARGV[i]
+    if op == 'push' then
+      if mine then
+        redis.call('HSET', ns .. ':' .. ARGV[i + 1] .. '.msgs', ARGV[i + 2], ARGV[i + 3])
+        redis.call('RPUSH', ns .. ':' .. ARGV[i + 1], ARGV[i + 2])
+      end
+      i = i + 4
+    elseif op == 'clear' then
+      if mine and redis.call('HGET', ARGV[i + 1], 'jobId') == ARGV[i + 2] then
+        redis.call('DEL', ARGV[i + 1])
+      end
+      i = i + 3
+    elseif op == 'move' then
+      if mine and redis.call('HGET', ARGV[i + 1], 'jobId') == ARGV[i + 2] then
+        redis.call('HSET', ARGV[i + 1], 'queue', ARGV[i + 3], 'msg', ARGV[i + 4])
+      end
+      i = i + 5
+    elseif op == 'completed' then
+      if mine then redis.call('INCRBY', KEYS[2], ARGV[i + 1]) end
+      i = i + 2
+    elseif op == 'failed' then
+      if mine then
+        redis.call('LPUSH', KEYS[4], ARGV[i + 1])
+        redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[3]) - 1)
+        redis.call('INCR', KEYS[3])
+      end
+      i = i + 2
+    else
+      return redis.error_reply('settle.lua: unknown op ' .. tostring(op))
+    end
+  end
+end
+return settled

@@ -1,0 +1,232 @@
+"""Our scripts write Dramatiq's Redis layout exactly as Dramatiq does; its internals are there.
+
+engine/broker/dramatiq_layout.py writes Dramatiq's layout with scripts of its own (to make an
+enqueue atomic with a dedup check, or an ack atomic with the job's outcome). Each test does
+one thing both ways, Dramatiq's (`RedisBroker.enqueue`, its dispatch commands) in one DB and
+ours in another, and compares the two DBs' whole state, the random ids aside. The last tests
+check the Dramatiq internals that engine/broker/dramatiq_worker.py depends on, and the
+broker's connection pool under more threads than connections.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+import pytest_asyncio
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.worker import ConsumerThread, Worker
+
+from engine.broker import dramatiq_layout as layout
+from engine.broker.jobs import JobQueue, job_kwargs
+from engine.broker.worker import broker_pool
+from engine.settings import Settings
+from engine.store.fastredis import FastRedis
+from tests.engine_support import DB_HOT, DB_QUEUE, LOCK_KEY, Engine, user
+
+OURS, DRAMATIQ = DB_QUEUE, DB_HOT  # both flushed by the harness, which holds the test lock
+WORKER_ID = "layout-test-worker"
+_ETA = re.compile(rb'"eta":\d+')
+
+
+@pytest_asyncio.fixture
+async def dbs(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[FastRedis, RedisBroker]]:
+    """Our client on one DB, a plain Dramatiq RedisBroker on the other."""
+    async with Engine.open(tmp_path, redis_url) as engine:
+        broker = RedisBroker(  # type: ignore[no-untyped-call]
+            client=redis.Redis.from_url(redis_url, db=DRAMATIQ),
+            namespace=layout.NAMESPACE,
+            middleware=[],
+        )
+        broker.broker_id = WORKER_ID
+        yield engine.queue, broker
+        broker.close()
+
+
+def state(url: str, db: int, ids: list[str]) -> dict[bytes, Any]:
+    """Every key of a DB and its value; ids become <id0>, <id1>... and etas 0."""
+    client = redis.Redis.from_url(url, db=db)
+
+    def norm(raw: bytes) -> bytes:
+        for n, rid in enumerate(ids):
+            raw = raw.replace(rid.encode(), f"<id{n}>".encode())
+        return _ETA.sub(b'"eta":0', raw)
+
+    found: dict[bytes, Any] = {}
+    try:
+        for key in client.keys("*"):
+            if key in (LOCK_KEY.encode(), layout.HEARTBEATS.encode()):
+                continue  # the test lock; Dramatiq's dispatch heartbeats on every call
+            kind = client.type(key)
+            value: Any
+            if kind == b"list":
+                value = [norm(v) for v in client.lrange(key, 0, -1)]
+            elif kind == b"hash":
+                value = {norm(k): norm(v) for k, v in client.hgetall(key).items()}
+            elif kind == b"set":
+                value = sorted(norm(v) for v in client.smembers(key))
+            elif kind == b"zset":
+                value = sorted(norm(v) for v in client.zrange(key, 0, -1))  # scores are times
+            else:
+                value = norm(client.get(key) or b"")
+            found[norm(key)] = value
+    finally:
+        client.close()
+    return found
+
+
+def message(priority: str = "medium") -> dramatiq.Message[Any]:
+    uid = user()
+    return dramatiq.Message(
+        queue_name=priority,
+        actor_name=f"prefetch_{priority}",
+        args=(uid, f"prefetch:{uid}:1"),
+        kwargs=job_kwargs("schedule", False),
+        options={},
+    )
+
+
+@pytest.mark.parametrize("delay_ms", [0, 5_000])
+async def test_push_writes_what_dramatiqs_enqueue_writes(
+    dbs: tuple[FastRedis, RedisBroker], redis_url: str, delay_ms: int
+) -> None:
+    ours, dramatiq_broker = dbs
+    msg = message()
+    sent = dramatiq_broker.enqueue(msg, delay=delay_ms or None)
+    outgoing = layout.encode(layout.encoder_broker(), msg, delay_ms)
+    assert await layout.push(ours, outgoing)
+    assert outgoing.queue == sent.queue_name
+    theirs_state = state(redis_url, DRAMATIQ, [sent.options["redis_message_id"]])
+    assert theirs_state, "Dramatiq wrote something"
+    assert state(redis_url, OURS, [outgoing.redis_id]) == theirs_state
+
+
+@pytest.mark.parametrize("delay_ms", [0, 5_000])
+async def test_schedule_writes_the_queue_as_dramatiqs_enqueue_does(
+    dbs: tuple[FastRedis, RedisBroker], redis_url: str, delay_ms: int
+) -> None:
+    ours, dramatiq_broker = dbs
+    scheduled = await JobQueue(ours).schedule(user(), "low", delay_ms)
+    queue = "low.DQ" if delay_ms else "low"
+    ours_id, data = await ours.execute("HGETALL", layout.messages_key(queue))
+    written = dramatiq.Message.decode(data)
+    assert written.args[1] == scheduled.jobId
+    # The same message, before the broker gave it an id, through Dramatiq's own enqueue.
+    bare = written.copy(queue_name="low")
+    bare.options.clear()
+    sent = dramatiq_broker.enqueue(bare, delay=delay_ms or None)
+    ours_state = {
+        k: v
+        for k, v in state(redis_url, OURS, [ours_id.decode()]).items()
+        if not k.startswith(b"prefetch:jobs:pending:")
+    }
+    assert ours_state == state(redis_url, DRAMATIQ, [sent.options["redis_message_id"]])
+
+
+async def test_settle_acks_nacks_and_hands_back_as_dramatiqs_dispatch_does(
+    dbs: tuple[FastRedis, RedisBroker], redis_url: str
+) -> None:
+    ours, dramatiq_broker = dbs
+    ours_broker = RedisBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis.from_url(redis_url, db=OURS),
+        namespace=layout.NAMESPACE,
+        middleware=[],
+    )
+    ours_broker.broker_id = WORKER_ID
+    msgs = [message() for _ in range(3)]
+    ids: dict[int, list[str]] = {}
+    for db, broker in ((OURS, ours_broker), (DRAMATIQ, dramatiq_broker)):
+        ids[db] = [broker.enqueue(m).options["redis_message_id"] for m in msgs]
+        assert len(broker.do_fetch("medium", 10)) == 3
+    dramatiq_broker.do_ack("medium", ids[DRAMATIQ][0])
+    dramatiq_broker.do_nack("medium", ids[DRAMATIQ][1])
+    dramatiq_broker.do_requeue("medium", ids[DRAMATIQ][2])
+    groups = []
+    for verb, rid in zip(("ack", "nack", "back"), ids[OURS], strict=True):
+        groups += layout.settle_group(verb, "medium", rid, None)
+    assert await layout.settle(ours, WORKER_ID, groups, 50) == 3
+    assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
+    # Settled again (a duplicate delivery's late settle): nothing moves twice.
+    assert await layout.settle(ours, WORKER_ID, groups, 50) == 0
+    assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
+    ours_broker.close()
+
+
+async def test_promote_moves_a_due_message_as_dramatiq_does_keeping_its_id(
+    dbs: tuple[FastRedis, RedisBroker], redis_url: str
+) -> None:
+    ours, dramatiq_broker = dbs
+    ours_broker = RedisBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis.from_url(redis_url, db=OURS),
+        namespace=layout.NAMESPACE,
+        middleware=[],
+    )
+    ours_broker.broker_id = WORKER_ID
+    msg = message()
+    fetched = {}
+    for db, broker in ((OURS, ours_broker), (DRAMATIQ, dramatiq_broker)):
+        broker.enqueue(msg, delay=10)
+        (data,) = broker.do_fetch("medium.DQ", 10)
+        fetched[db] = dramatiq.Message.decode(data)
+    # Dramatiq's ConsumerThread.handle_delayed_messages: a copy under a new id, then the ack.
+    theirs = fetched[DRAMATIQ]
+    ready = theirs.copy(queue_name="medium")
+    del ready.options["eta"]
+    moved = dramatiq_broker.enqueue(ready)
+    dramatiq_broker.do_ack("medium.DQ", theirs.options["redis_message_id"])
+    # Ours: one step, same id.
+    mine = fetched[OURS]
+    ready = mine.copy(queue_name="medium")
+    del ready.options["eta"]
+    rid = mine.options["redis_message_id"]
+    reply = await ours.evalsha_or_eval(
+        layout.PROMOTE, [layout.NAMESPACE], [WORKER_ID, "medium", rid, ready.encode()]
+    )
+    assert reply == 1
+    assert state(redis_url, OURS, [rid]) == state(
+        redis_url, DRAMATIQ, [moved.options["redis_message_id"]]
+    )
+    ours_broker.close()
+
+
+def test_the_dramatiq_internals_the_executor_uses_are_there(redis_url: str) -> None:
+    assert dramatiq.__version__.startswith("2.2."), "re-check dramatiq_worker.py, then the pin"
+    for name in ("_add_consumer", "consumers", "work_queue", "stop"):
+        assert hasattr(Worker(RedisBroker(client=redis.Redis(), middleware=[])), name)  # type: ignore[no-untyped-call]
+    for name in ("close", "handle_delayed_messages", "post_process_message", "requeue_messages"):
+        assert callable(getattr(ConsumerThread, name))
+    broker = RedisBroker(client=redis.Redis.from_url(redis_url), middleware=[])  # type: ignore[no-untyped-call]
+    consumer = broker.consume("layout-test-queue")
+    assert isinstance(consumer.queued_message_ids, set)  # type: ignore[attr-defined]
+    assert isinstance(consumer.message_cache, list)  # type: ignore[attr-defined]
+    broker.close()
+
+
+def test_the_broker_pool_makes_a_burst_of_threads_wait_instead_of_failing(
+    redis_url: str,
+) -> None:
+    pool = broker_pool(Settings().with_overrides(redis_url=redis_url, db_queue=DB_QUEUE))
+    client = redis.Redis(connection_pool=pool)
+    threads_count = pool.max_connections * 4
+    errors: list[BaseException] = []
+
+    def hold_a_connection() -> None:
+        try:
+            client.blpop(["layout-test:never"], timeout=0.2)  # holds its connection 0.2 s
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold_a_connection) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    client.close()
+    print(f"redis-py {redis.__version__}: {threads_count} threads on {pool.max_connections}")
+    assert errors == []
