@@ -19,6 +19,7 @@ from types import FrameType
 import redis
 
 from engine.broker.jobs import QUEUES
+from engine.health_port import HealthPort, Pulse
 from engine.process import fork_child, set_title
 from engine.settings import Settings
 from engine.store import keys
@@ -58,6 +59,7 @@ class Supervisor:
         self.stopping = 0
         self.generation = 0
         self.pid = os.getpid()
+        self.pulse = Pulse()  # read by the health port's thread
 
     def run(self) -> int:
         set_title("prefetch: supervisor")
@@ -68,6 +70,7 @@ class Supervisor:
             self._spawn(index)
         log.info("supervisor %d: %d workers", os.getpid(), self.count)
         while self.children or (self.restarts and not self.stopping):
+            self.pulse.beat(len(self.children))
             self._reap()
             now = time.monotonic()
             for index, when in list(self.restarts.items()):
@@ -163,5 +166,7 @@ def _worker_main(settings: Settings, index: int, broker_id: str) -> int:
 
 
 def run_supervisor(settings: Settings) -> int:
-    """Entry point of `prefetch worker`."""
-    return Supervisor(settings).run()
+    """Entry point of `prefetch worker`: the supervisor, and its health port when configured."""
+    supervisor = Supervisor(settings)
+    with HealthPort(settings, supervisor.pulse):
+        return supervisor.run()
