@@ -61,7 +61,7 @@ $(DEPLOY_STAMP): $(STAMP) pyproject.toml
 
 deploy-lint: $(DEPLOY_STAMP)  ## hadolint the Dockerfile, validate every Kubernetes manifest
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/python deploy/k8s/validate.py
+	$(BIN)/python deploy/k8s/validate.py --self-test
 
 docker-e2e: $(STAMP)  ## build the image and run api, worker and sandbox containers end to end
 	$(BIN)/python deploy/docker/e2e.py --image $(IMAGE)
