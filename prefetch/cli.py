@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         load_sandbox_settings(env)  # fail at start, in every role, on a malformed knob
     except ConfigError as exc:
         print(f"prefetch: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        # Docker reserves a health check's exit code 2: a probe is unhealthy (1), nothing else.
+        return 1 if args.role == "probe" else EXIT_CONFIG
     if args.role == "probe":
         from prefetch.probe import run_probe
 

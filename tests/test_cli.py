@@ -194,6 +194,12 @@ def test_the_probe_finds_the_role_from_the_process_titles(tmp_path: Path) -> Non
     assert running_role(tmp_path) == "dev"
 
 
+def test_the_probe_never_exits_2_which_docker_reserves(tmp_path: Path) -> None:
+    result = prefetch(tmp_path, "probe", "api", PREFETCH_SERVICE_PORT="http")
+    assert result.returncode == 1
+    assert "PREFETCH_SERVICE_PORT" in result.stderr
+
+
 def test_the_probe_fails_with_one_line_when_the_role_does_not_answer(tmp_path: Path) -> None:
     with held_port() as port:  # listening but never answering would hang; a closed port:
         pass
