@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from engine.errors import PortInUse
 from engine.health_port import LIVE_STALL_S, HealthPort, Pulse
 from engine.settings import Settings
 from tests.conftest import closed_port
@@ -117,6 +118,16 @@ async def test_unknown_paths_are_404_and_the_port_is_released_on_stop(
         status, body = await get(f"http://127.0.0.1:{port}/nope")
         assert status == 404 and "/ready" in body["routes"]
     assert bindable(port)  # free again at once
+
+
+def test_a_port_taken_at_bind_time_raises_port_in_use(
+    health_settings: Settings, pulse: Pulse
+) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", health_settings.health_port))
+        other.listen()
+        with pytest.raises(PortInUse, match="PREFETCH_HEALTH_PORT"):
+            HealthPort(health_settings, pulse).start()
 
 
 def test_port_zero_serves_nothing(pulse: Pulse) -> None:
