@@ -4,7 +4,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick load clean
+# `make load` knobs (see loadtests/README.md)
+DURATION ?= 30s
+USERS ?= 64
+SPAWN_RATE ?= 16
+HOST ?= http://127.0.0.1:3005
+P99_MS ?= 100
+MAX_ERROR_RATE ?= 0.01
+IMAGE ?= exprsn-prefetch:e2e
+DEPLOY_STAMP := $(VENV)/.deploy-stamp
+
+.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick load \
+	sizing deploy-lint docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +50,24 @@ bench-redis-client: $(STAMP)
 bench-tick: $(STAMP)  ## the cost of one strategy scheduler tick, 1M tracked users
 	$(BIN)/python -m bench.bench_tick
 
-load: $(STAMP)  ## locust against a running service (see loadtests/README.md)
-	$(BIN)/locust -f loadtests/locustfile.py --headless -u 64 -r 16 -t 60s --host http://127.0.0.1:3005
+load: $(STAMP)  ## locust against a running service; fails on errors > MAX_ERROR_RATE or p99 > P99_MS
+	LOAD_P99_MS=$(P99_MS) LOAD_MAX_ERROR_RATE=$(MAX_ERROR_RATE) $(BIN)/locust \
+		-f loadtests/locustfile.py --headless --only-summary \
+		-u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) --host $(HOST)
+
+sizing: $(STAMP)  ## the sizing model for 1M, 10M and 100M daily users (see tuning.md)
+	$(BIN)/python -m bench.sizing
+
+$(DEPLOY_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	touch $(DEPLOY_STAMP)
+
+deploy-lint: $(DEPLOY_STAMP)  ## hadolint the Dockerfile, validate every Kubernetes manifest
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python deploy/k8s/validate.py --self-test
+
+docker-e2e: $(STAMP)  ## build the image and run api, worker and sandbox containers end to end
+	$(BIN)/python deploy/docker/e2e.py --image $(IMAGE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

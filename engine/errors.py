@@ -122,3 +122,9 @@ class RedisReplyError(PrefetchError):
 
     status = 500
     code = "INTERNAL_ERROR"
+
+
+class PortInUse(PrefetchError):
+    """A port this process must listen on is taken (the CLI exits 2, as for a bad setting)."""
+
+    code = "PORT_IN_USE"

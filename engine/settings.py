@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from engine.cpus import available_cpus
 from engine.errors import ConfigError
 
 PRIORITIES = ("high", "medium", "low")
@@ -26,7 +27,8 @@ class Settings:
     service_host: str = "0.0.0.0"
     service_port: int = 3005
     api_workers: int = 1
-    worker_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    health_port: int = 0
+    worker_count: int = field(default_factory=available_cpus)
     job_concurrency: int = 100
     batch_size: int = 50
     redis_url: str = "redis://127.0.0.1:6379"
@@ -215,6 +217,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREFETCH_SERVICE_HOST": ("service_host", _text),
     "PREFETCH_SERVICE_PORT": ("service_port", _PORT),
     "API_WORKERS": ("api_workers", _int(1, 64)),
+    "PREFETCH_HEALTH_PORT": ("health_port", _int(0, 65535)),
     "PREFETCH_WORKER_COUNT": ("worker_count", _int(1, 256)),
     "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
     "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),

@@ -23,6 +23,7 @@ import redis
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import QUEUES
+from engine.health_port import HealthPort, Pulse
 from engine.process import fork_child, set_title
 from engine.settings import Settings
 from engine.strategies.sidecar import SchedulerChild
@@ -66,6 +67,7 @@ class Supervisor:
         self.pid = os.getpid()
         self.recovery = Recovery(settings)
         self.scheduler = SchedulerChild(settings)  # strategies hook: the pod's scheduler
+        self.pulse = Pulse()  # read by the health port's thread
 
     def run(self) -> int:
         set_title("prefetch: supervisor")
@@ -79,6 +81,7 @@ class Supervisor:
             self.scheduler.signal(signal.SIGTERM)
         log.info("supervisor %d: %d workers", os.getpid(), self.count)
         while self.children or self.scheduler.running or (self.restarts and not self.stopping):
+            self.pulse.beat(len(self.children))
             self._reap()
             self.scheduler.poll(bool(self.stopping))  # strategies hook
             now = time.monotonic()
@@ -219,5 +222,7 @@ def _worker_main(settings: Settings, index: int, broker_id: str) -> int:
 
 
 def run_supervisor(settings: Settings) -> int:
-    """Entry point of `prefetch worker`."""
-    return Supervisor(settings).run()
+    """Entry point of `prefetch worker`: the supervisor, and its health port when configured."""
+    supervisor = Supervisor(settings)
+    with HealthPort(settings, supervisor.pulse):
+        return supervisor.run()

@@ -6,9 +6,11 @@ user that nobody prefetched goes through to the timeline service (`meta.cached: 
 later reads are cache hits.
 
 Environment:
-    LOCUST_USERS    user ids: a file with one id per line, or ids separated by commas or
-                    spaces (default: 1000 uuid4s generated at start)
-    PREFETCH_TOKEN  bearer token (default: sandbox-service, which `prefetch dev` accepts)
+    LOCUST_USERS         user ids: a file with one id per line, or ids separated by commas
+                         or spaces (default: 1000 uuid4s generated at start)
+    PREFETCH_TOKEN       bearer token (default: sandbox-service, which `prefetch dev` accepts)
+    LOAD_MAX_ERROR_RATE  the run fails (exit 1) above this share of failed requests (0.01)
+    LOAD_P99_MS          ... or above this p99 latency over all requests, in ms (100)
 
     locust -f loadtests/locustfile.py --headless -u 64 -r 16 -t 60s --host http://127.0.0.1:3005
 """
@@ -20,7 +22,10 @@ import random
 import uuid
 from pathlib import Path
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, constant, events, task
+from locust.env import Environment
+
+from loadtests.thresholds import Bounds, verdict
 
 PRIORITIES = ("high", "medium", "low")
 DEFAULT_POOL = 1000
@@ -41,6 +46,28 @@ def user_pool() -> list[str]:
 
 USERS = user_pool()
 TOKEN = os.environ.get("PREFETCH_TOKEN", "sandbox-service")
+try:
+    BOUNDS = Bounds.from_env(os.environ)
+except ValueError as exc:
+    raise SystemExit(f"loadtests: {exc}") from None
+
+
+@events.quitting.add_listener
+def judge(environment: Environment, **_: object) -> None:
+    """Replace locust's exit code (1 on any failure at all) by the verdict on the bounds."""
+    total = environment.stats.total
+    p99 = total.get_response_time_percentile(0.99) or 0.0
+    problems = verdict(total.num_requests, total.num_failures, p99, BOUNDS)
+    summary = (
+        f"{total.num_requests} requests, {total.num_failures} failed, p99 {p99:g} ms "
+        f"(bounds: error rate {BOUNDS.max_error_rate:.2%}, p99 {BOUNDS.max_p99_ms:g} ms)"
+    )
+    if problems:
+        print(f"load: FAILED: {'; '.join(problems)}: {summary}", flush=True)
+        environment.process_exit_code = 1
+    else:
+        print(f"load: passed: {summary}", flush=True)
+        environment.process_exit_code = 0
 
 
 class TimelineClient(FastHttpUser):

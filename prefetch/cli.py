@@ -7,7 +7,7 @@ modules are imported only after `_prepare`.
 
 from __future__ import annotations
 
-import argparse
+import errno
 import logging
 import os
 import signal
@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.errors import ConfigError, PrefetchError
+from engine.errors import ConfigError, PortInUse, PrefetchError
 from engine.process import fork_child
 from engine.settings import Settings, environment, load_settings
+from prefetch.args import build_parser
+from prefetch.ports import ensure_ports_free
 
 EXIT_CONFIG = 2
 SANDBOX_TOKENS = (
@@ -31,9 +33,8 @@ SANDBOX_TOKENS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prefetch", description=__doc__)
-    parser.add_argument("role", choices=("api", "worker", "dev", "sandbox"))
-    args = parser.parse_args(argv)
+    """Run one role; the exit code is 0, 1 (a failure at run time) or 2 (bad setting, busy port)."""
+    args = build_parser().parse_args(argv)
     env = environment()
     try:
         settings = load_settings(env)
@@ -42,6 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         load_sandbox_settings(env)  # fail at start, in every role, on a malformed knob
     except ConfigError as exc:
         print(f"prefetch: configuration error: {exc}", file=sys.stderr)
+        # Docker reserves a health check's exit code 2: a probe is unhealthy (1), nothing else.
+        return 1 if args.role == "probe" else EXIT_CONFIG
+    if args.role == "probe":
+        from prefetch.probe import run_probe
+
+        return run_probe(settings, args.target)
+    if args.role == "dev":
+        settings = dev_bind_host(settings, env)
+    try:
+        ensure_ports_free(args.role, settings)
+    except PortInUse as exc:
+        print(f"prefetch {args.role}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     settings = _prepare(settings, fresh_metrics=args.role == "dev")
     try:
@@ -56,9 +69,28 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_sandbox(settings, env)
         return run_dev(settings, env)
+    except PortInUse as exc:  # taken between the check and the bind
+        print(f"prefetch {args.role}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except PrefetchError as exc:
         print(f"prefetch {args.role}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"prefetch {args.role}: a port is already in use: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def dev_bind_host(settings: Settings, env: dict[str, str]) -> Settings:
+    """`prefetch dev` listens on 127.0.0.1 unless PREFETCH_SERVICE_HOST is set.
+
+    The sandbox CA's `sandbox-service` token has every permission and is printed in the
+    banner: a dev instance on 0.0.0.0 would let anyone on the network drive it.
+    """
+    if env.get("PREFETCH_SERVICE_HOST", "").strip():
+        return settings
+    return settings.with_overrides(service_host="127.0.0.1")
 
 
 def _prepare(settings: Settings, *, fresh_metrics: bool) -> Settings:
@@ -162,6 +194,10 @@ def _print_banner(settings: Settings, embedded: object | None) -> None:
         f"  timeline  {settings.timeline_url}  (sandbox)",
         f"  CA        {settings.ca_url}  (sandbox)",
         f"  tokens    {', '.join(SANDBOX_TOKENS)}",
+    ]
+    if settings.health_port:
+        lines.append(f"  workers   http://127.0.0.1:{settings.health_port}/ready  (health port)")
+    lines += [
         "  try:",
         f"    curl -s -H 'Authorization: Bearer sandbox-service' "
         f"{base}/api/cache/550e8400-e29b-41d4-a716-446655440000",

@@ -36,6 +36,18 @@ def get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} shows them) listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) == port and fields[3] == "0A":
+                found.add(address)
+    return found
+
+
 def descendants(root: int) -> dict[int, str]:
     """pid -> command line (process title) of every live descendant of `root`."""
     parents: dict[int, int] = {}
@@ -99,6 +111,8 @@ def test_dev_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path
         for role in ("prefetch: api", "prefetch: supervisor", "prefetch: worker 1"):
             assert role in titles, titles
         assert "prefetch: sandbox" in titles, titles
+        # No PREFETCH_SERVICE_HOST: the API (and its all-powerful sandbox token) is loopback only.
+        assert listening_addresses(port) == {"0100007F"}
 
         user = str(uuid.uuid4())
         status, body = get(f"{base}/api/cache/{user}", "sandbox-service")
