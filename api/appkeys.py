@@ -12,11 +12,13 @@ from api.activity import ActivityBatcher
 from api.auth import Authenticator
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.throttle import LogThrottle
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 AUTH = web.AppKey("auth", Authenticator)
 ACTIVITY = web.AppKey("activity", ActivityBatcher)
 STARTED_AT = web.AppKey("started_at", float)  # time.monotonic() when the app was built
+ERROR_LOG = web.AppKey("error_log", LogThrottle)  # dependency failures, one line per code
 
 REQUEST_ID = web.RequestKey("request_id", str)
