@@ -15,8 +15,9 @@ from aiohttp import web
 
 from api import views_cache, views_health, views_prefetch
 from api.activity import ActivityBatcher
-from api.appkeys import ACTIVITY, AUTH, ERROR_LOG, RUNTIME, SETTINGS, STARTED_AT
+from api.appkeys import ACTIVITY, AUTH, CACHE_COUNTS, ERROR_LOG, RUNTIME, SETTINGS, STARTED_AT
 from api.auth import Authenticator
+from api.memo import Memo
 from api.middlewares import envelope_middleware
 from api.middlewares import log as middleware_log
 from api.validation import MAX_BODY_BYTES
@@ -44,7 +45,9 @@ def setup_activity(app: web.Application) -> None:
     """The activity batcher, flushing to the metrics DB once a second."""
 
     async def activity_context(app: web.Application) -> AsyncIterator[None]:
-        batcher = ActivityBatcher(app[RUNTIME].redis["metrics"], app[SETTINGS].activity_window_ms)
+        # The background connection: a big flush must not delay (or time out) reads.
+        redis = app[RUNTIME].redis["background"]
+        batcher = ActivityBatcher(redis, app[SETTINGS].activity_window_ms)
         batcher.start()
         app[ACTIVITY] = batcher
         try:
@@ -68,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
     app[ERROR_LOG] = LogThrottle(middleware_log)
+    app[CACHE_COUNTS] = Memo(views_health.CACHE_COUNTS_TTL_S)
     setup_runtime(app)
     setup_activity(app)
     setup_routes(app)

@@ -90,3 +90,5 @@ def metrics_day(day: str) -> str:
 
 METRICS_TOTAL = f"{PREFIX}:metrics:total"  # hash of lifetime counters
 SCHEDULER_LOCK = f"{PREFIX}:scheduler:leader"  # the strategy scheduler's leadership lock
+# Health checks write it (with a short expiry) to find out whether Redis accepts writes.
+HEALTH_PROBE = f"{PREFIX}:health:probe"
