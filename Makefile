@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client load clean
+.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-api-memory load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-prefetch: $(STAMP)  ## end-to-end jobs/s, beside a plain asyncio fetch-and
 
 bench-redis-client: $(STAMP)
 	$(BIN)/python -m bench.bench_redis_client
+
+bench-api-memory: $(STAMP)  ## API RSS under 20,000 distinct tokens and users
+	$(BIN)/python -m bench.bench_api_memory
 
 load: $(STAMP)  ## locust against a running service (see loadtests/README.md)
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u 64 -r 16 -t 60s --host http://127.0.0.1:3005
