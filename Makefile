@@ -14,8 +14,8 @@ MAX_ERROR_RATE ?= 0.01
 IMAGE ?= exprsn-prefetch:e2e
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
 
-.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick load \
-	sizing deploy-lint docker-e2e clean
+.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
+	load sizing deploy-lint docker-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-redis-client: $(STAMP)
 
 bench-tick: $(STAMP)  ## the cost of one strategy scheduler tick, 1M tracked users
 	$(BIN)/python -m bench.bench_tick
+
+bench-api-memory: $(STAMP)  ## API RSS under 20,000 distinct tokens and users
+	$(BIN)/python -m bench.bench_api_memory
 
 load: $(STAMP)  ## locust against a running service; fails on errors > MAX_ERROR_RATE or p99 > P99_MS
 	LOAD_P99_MS=$(P99_MS) LOAD_MAX_ERROR_RATE=$(MAX_ERROR_RATE) $(BIN)/locust \

@@ -66,7 +66,9 @@ class ActivityBatcher:
         runtime = self._runtime
         try:
             await asyncio.gather(
-                record_activity(runtime.redis["metrics"], runtime.settings, users, wall_clock_ms()),
+                record_activity(
+                    runtime.redis["background"], runtime.settings, users, wall_clock_ms()
+                ),
                 count_reads(runtime.redis, served, runtime.stats),
             )
         except Exception:

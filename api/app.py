@@ -3,7 +3,7 @@
 Each per-process resource has its own cleanup context, so a resource is torn down only if
 it was set up, in reverse order: the Runtime (Redis connections, the HTTP session, the stats
 flusher) first, then the activity batcher that writes through the Runtime's Redis.
-Access logging is the runner's business: the CLI (and the tests) pass access_log=None.
+Serving it is api.server.make_runner's business (limits, parser errors, no access log).
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from aiohttp import web
 
 from api import views_cache, views_health, views_prefetch
 from api.activity import ActivityBatcher
-from api.appkeys import ACTIVITY, AUTH, RUNTIME, SETTINGS, STARTED_AT
+from api.appkeys import ACTIVITY, AUTH, CACHE_COUNTS, ERROR_LOG, RUNTIME, SETTINGS, STARTED_AT
 from api.auth import Authenticator
+from api.memo import Memo
 from api.middlewares import envelope_middleware
+from api.middlewares import log as middleware_log
+from api.validation import MAX_BODY_BYTES
 from engine.runtime import open_runtime
 from engine.settings import Settings
-
-MAX_BODY_BYTES = 64 * 1024
+from engine.throttle import LogThrottle
 
 
 def setup_runtime(app: web.Application) -> None:
@@ -66,6 +68,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[STARTED_AT] = time.monotonic()
+    app[ERROR_LOG] = LogThrottle(middleware_log)
+    app[CACHE_COUNTS] = Memo(views_health.CACHE_COUNTS_TTL_S)
     setup_runtime(app)
     setup_activity(app)
     setup_routes(app)

@@ -6,17 +6,24 @@ its cleanup context in api.app, after the process forked and the loop started.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from api.activity import ActivityBatcher
 from api.auth import Authenticator
+from api.memo import Memo
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.throttle import LogThrottle
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 AUTH = web.AppKey("auth", Authenticator)
 ACTIVITY = web.AppKey("activity", ActivityBatcher)
 STARTED_AT = web.AppKey("started_at", float)  # time.monotonic() when the app was built
+ERROR_LOG = web.AppKey("error_log", LogThrottle)  # dependency failures, one line per code
+# /health/cache's last answer (body, status), kept a few seconds: it costs SCANs.
+CACHE_COUNTS = web.AppKey("cache_counts", Memo[tuple[dict[str, Any], int]])
 
 REQUEST_ID = web.RequestKey("request_id", str)

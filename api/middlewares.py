@@ -2,9 +2,13 @@
 
 It is one middleware rather than two because each costs a coroutine frame per request, and
 the error path must set the request id too. Errors raised on purpose (`PrefetchError`) carry
-their status and code; aiohttp's own HTTP errors (unknown route, wrong method, body too
-large) are mapped to the SPEC's codes; anything else is logged with the request id and
-answered 500 without internals.
+their status and code; a client sees their `public_message`, never a host, port or parser
+detail, and a dependency failure (5xx) is logged in one line with the request id and those
+details (rate-limited per code: an outage fails many requests alike). aiohttp's own HTTP
+errors (unknown route, wrong method, body too large) are mapped to the SPEC's codes;
+anything else is logged with the request id and its traceback, and answered 500 without
+internals. What aiohttp answers before a request reaches the app (malformed HTTP) is
+api.server's business.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from api.appkeys import REQUEST_ID
+from api.appkeys import ERROR_LOG, REQUEST_ID
 from api.responses import error_response
 from engine.errors import PrefetchError
 
@@ -59,7 +63,19 @@ def _prefetch_error(exc: PrefetchError, request_id: str, request: web.Request) -
         # An unexpected failure that happens to be one of ours (a Redis error reply, ...).
         log.error("request %s %s %s failed", request_id, request.method, request.path, exc_info=exc)
         return error_response(500, "INTERNAL_ERROR", "Internal server error")
-    return error_response(exc.status, exc.code, exc.message)
+    if exc.status >= 500:
+        # A dependency failed: expected in an outage, so one line (per code and interval),
+        # with what the client is not told.
+        request.app[ERROR_LOG].warning(
+            exc.code,
+            "request %s %s %s: %s %s",
+            request_id,
+            request.method,
+            request.path,
+            exc.code,
+            exc.message,
+        )
+    return error_response(exc.status, exc.code, exc.public_message)
 
 
 @web.middleware

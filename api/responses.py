@@ -29,9 +29,14 @@ def success(data: Any, status: int = 200, message: str | None = None) -> web.Res
     return json_response({"success": True, "message": message, "data": data}, status)
 
 
+def json_body_bytes(code: str, message: str) -> bytes:
+    """The encoded error envelope: {"success": false, "error": CODE, "message": text}."""
+    return _encoder.encode({"success": False, "error": code, "message": message})
+
+
 def error_response(status: int, code: str, message: str) -> web.Response:
-    """The error envelope: {"success": false, "error": CODE, "message": text}."""
-    return json_response({"success": False, "error": code, "message": message}, status)
+    """The error envelope as a response."""
+    return web.Response(body=json_body_bytes(code, message), status=status, content_type=JSON)
 
 
 def iso_now() -> str:

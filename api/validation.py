@@ -6,20 +6,26 @@ The UUID check is on the read path, hence a precompiled pattern behind a length 
 
 from __future__ import annotations
 
+import asyncio
 import re
+import zlib
 from datetime import date
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from engine.errors import BadRequest
+from api.appkeys import ERROR_LOG, REQUEST_ID, SETTINGS
+from engine.errors import BadRequest, RequestTimeout, UnsupportedEncoding
 from engine.settings import PRIORITIES
 
 MAX_DELAY_MS = 86_400_000
 MAX_LIMIT = 50
 DEFAULT_LIMIT = 10
 MAX_USER_IDS = 1000
+MAX_BODY_BYTES: Final = 64 * 1024
+# zlib window bits by Content-Encoding (the server leaves bodies compressed: see api.server).
+_DECODERS: Final = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 0}
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -85,13 +91,58 @@ def day(raw: str) -> str:
     raise BadRequest("date must be a real date written YYYY-MM-DD", code="INVALID_DATE")
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; an empty body is `{}`.
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The request body, decompressed, within `timeout_s`; at most 64 KB either way.
 
-    Over client_max_size aiohttp raises HTTPRequestEntityTooLarge (413, mapped by the error
-    middleware); malformed JSON is INVALID_JSON; valid JSON that is no object, INVALID_BODY.
+    A body that does not arrive in time is 408 REQUEST_TIMEOUT; one cut short or mangled on
+    the wire (a bad chunk, a truncated or invalid gzip stream) INVALID_BODY; an encoding other
+    than gzip or deflate 415 UNSUPPORTED_ENCODING. Over 64 KB, compressed or not, aiohttp's
+    HTTPRequestEntityTooLarge (413, mapped by the error middleware).
     """
-    raw = await request.read()
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "") and encoding not in _DECODERS:
+        raise UnsupportedEncoding(
+            "Content-Encoding must be gzip, deflate or identity", code="UNSUPPORTED_ENCODING"
+        )
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        request.app[ERROR_LOG].warning(
+            "body-timeout",
+            "request %s %s %s: body not received within %.1f s",
+            request.get(REQUEST_ID, "-"),
+            request.method,
+            request.path,
+            timeout_s,
+        )
+        raise RequestTimeout("Request body not received in time") from None
+    except (web.RequestPayloadError, ConnectionError):
+        raise BadRequest("Request body is malformed or incomplete", code="INVALID_BODY") from None
+    if encoding in _DECODERS and raw:
+        raw = _inflate(raw, _DECODERS[encoding])
+    return raw
+
+
+def _inflate(data: bytes, wbits: int) -> bytes:
+    # deflate (wbits 0) takes the zlib header's own window; HTTP's "deflate" means zlib.
+    decoder = zlib.decompressobj(wbits=wbits or zlib.MAX_WBITS)
+    try:
+        plain = decoder.decompress(data, MAX_BODY_BYTES + 1)
+    except zlib.error:
+        raise BadRequest("Request body is not valid compressed data", code="INVALID_BODY") from None
+    if len(plain) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(plain))
+    if not decoder.eof or decoder.unused_data:
+        raise BadRequest("Request body is truncated compressed data", code="INVALID_BODY")
+    return plain
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, read within API_BODY_TIMEOUT (see read_body); an empty body
+    is `{}`. Malformed JSON is INVALID_JSON; valid JSON that is no object, INVALID_BODY.
+    """
+    raw = await read_body(request, request.app[SETTINGS].api_body_timeout_ms / 1000)
     if not raw.strip():
         return {}
     try:

@@ -1,9 +1,12 @@
 """Health checks (the seed's /health family) and the Prometheus endpoint. No auth here.
 
 /health runs its checks concurrently, each bounded by CHECK_TIMEOUT_S, so one slow
-dependency shows up as such instead of hiding the others. Redis down makes the service
-unhealthy (503): it cannot serve a read. A queue backlog, memory pressure or an unreachable
-timeline service or CA make it degraded (200): cached reads still work.
+dependency shows up as such instead of hiding the others. Redis down, or refusing even reads
+(LOADING after a restart, BUSY running a script), makes the service unhealthy (503): it
+cannot serve a read. Redis refusing writes only (OOM under noeviction, a read-only replica;
+found by writing a probe key) makes it degraded (200), like a queue backlog, memory pressure
+or an unreachable timeline service or CA: cached reads still work. /health/ready follows
+the same line: 503 only when Redis does not serve reads.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from api.appkeys import RUNTIME, SETTINGS, STARTED_AT
+from api.appkeys import CACHE_COUNTS, RUNTIME, SETTINGS, STARTED_AT
 from api.responses import iso_now, json_response
-from engine.errors import PrefetchError
+from engine.errors import PrefetchError, RedisRefused
 from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.fastredis import FastRedis
@@ -28,9 +31,14 @@ from engine.strategies.sidecar import scheduler_wanted
 
 CHECK_TIMEOUT_S = 2.0
 MEMORY_PRESSURE_MB = 400
-# /health/cache counts entries with SCAN; past this many steps it reports an estimate.
+# /health/cache counts entries with SCAN; past this many steps it reports an estimate, and
+# its answer is kept for CACHE_COUNTS_TTL_S (the endpoint is unauthenticated).
 SCAN_MAX_STEPS = 100
 SCAN_COUNT = 1000
+CACHE_COUNTS_TTL_S = 5.0
+PROBE_TTL_MS = 60_000
+# Redis statuses that still serve reads.
+SERVING = frozenset({"connected", "read-only"})
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -41,6 +49,8 @@ async def _bounded(check: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         return await asyncio.wait_for(check, CHECK_TIMEOUT_S)
     except TimeoutError:
         return {"status": "timeout"}
+    except RedisRefused as exc:
+        return {"status": "refused", "error": exc.code, "reason": exc.kind}
     except PrefetchError as exc:
         return {"status": "disconnected", "error": exc.code}
 
@@ -53,16 +63,28 @@ def _info_field(info: bytes, name: str) -> str | None:
     return None
 
 
+def _writable(reply: Any, result: dict[str, Any]) -> None:
+    """Mark `result` read-only when the probe write was refused; raise other failures."""
+    if isinstance(reply, RedisRefused):
+        result["status"], result["reason"] = "read-only", reply.kind
+    elif isinstance(reply, Exception):
+        raise reply
+
+
 async def _redis_check(client: FastRedis, db: int, *, memory: bool) -> dict[str, Any]:
-    """PING latency, key count (DBSIZE) and, for the hot tier, Redis's memory use."""
+    """PING latency, writability, key count (DBSIZE) and, for the hot tier, memory use."""
     started = time.perf_counter()
     await client.execute("PING")
     latency = f"{(time.perf_counter() - started) * 1000:.0f}ms"
-    commands: list[tuple[str, ...]] = [("DBSIZE",)]
+    commands: list[tuple[str | int, ...]] = [
+        ("SET", keys.HEALTH_PROBE, "1", "PX", PROBE_TTL_MS),
+        ("DBSIZE",),
+    ]
     if memory:
         commands.append(("INFO", "memory"))
-    replies = await client.pipeline(commands)
+    probe, *replies = await client.pipeline(commands)
     result: dict[str, Any] = {"status": "connected", "latency": latency}
+    _writable(probe, result)
     if memory and isinstance(replies[1], bytes):
         human = _info_field(replies[1], "used_memory_human")
         # Redis writes "4.40M"; the seed's shape is "45.3MB".
@@ -141,10 +163,12 @@ async def health(request: web.Request) -> web.Response:
         "queue": queue,
         "scheduler": scheduler,
     }
-    if any(check["status"] != "connected" for check in (hot, warm)):
+    if any(check["status"] not in SERVING for check in (hot, warm)):
         status, code = "unhealthy", 503
     elif (
-        queue["status"] != "healthy"
+        hot["status"] != "connected"
+        or warm["status"] != "connected"
+        or queue["status"] != "healthy"
         or memory["status"] != "healthy"
         or timeline["status"] != "connected"
         or ca["status"] != "connected"
@@ -162,12 +186,19 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body, code)
 
 
+def _redis_verdict(hot: dict[str, Any], warm: dict[str, Any]) -> tuple[str, int]:
+    if hot["status"] not in SERVING or warm["status"] not in SERVING:
+        return "unhealthy", 503
+    if hot["status"] != "connected" or warm["status"] != "connected":
+        return "degraded", 200
+    return "healthy", 200
+
+
 async def health_redis(request: web.Request) -> web.Response:
     """GET /health/redis: both cache tiers."""
     hot, warm = await _redis_checks(request)
-    ok = hot["status"] == warm["status"] == "connected"
-    body = {"status": "healthy" if ok else "unhealthy", "hotCache": hot, "warmCache": warm}
-    return json_response(body, 200 if ok else 503)
+    status, code = _redis_verdict(hot, warm)
+    return json_response({"status": status, "hotCache": hot, "warmCache": warm}, code)
 
 
 def _upstream_response(check: dict[str, Any]) -> web.Response:
@@ -198,8 +229,7 @@ async def _count_entries(client: FastRedis, tier: str) -> dict[str, Any]:
             return {"status": "connected", "entries": count, "exact": cursor == b"0"}
 
 
-async def health_cache(request: web.Request) -> web.Response:
-    """GET /health/cache: how many timelines each tier holds."""
+async def _cache_counts(request: web.Request) -> tuple[dict[str, Any], int]:
     runtime, settings = request.app[RUNTIME], request.app[SETTINGS]
     hot, warm = await asyncio.gather(
         _bounded(_count_entries(runtime.redis["hot"], "hot")),
@@ -209,21 +239,46 @@ async def health_cache(request: web.Request) -> web.Response:
     warm["db"], warm["ttlMs"] = settings.db_warm, settings.warm_ttl_ms
     ok = hot["status"] == warm["status"] == "connected"
     body = {"status": "healthy" if ok else "unhealthy", "hot": hot, "warm": warm}
-    return json_response(body, 200 if ok else 503)
+    return body, 200 if ok else 503
 
 
-async def _ping(client: FastRedis) -> dict[str, Any]:
-    await client.execute("PING")
-    return {"status": "connected"}
+async def health_cache(request: web.Request) -> web.Response:
+    """GET /health/cache: how many timelines each tier holds (kept CACHE_COUNTS_TTL_S)."""
+    body, code = await request.app[CACHE_COUNTS].get(lambda: _cache_counts(request))
+    return json_response(body, code)
+
+
+async def _probe(client: FastRedis) -> dict[str, Any]:
+    result: dict[str, Any] = {"status": "connected"}
+    ping, probe = await client.pipeline(
+        [("PING",), ("SET", keys.HEALTH_PROBE, "1", "PX", PROBE_TTL_MS)]
+    )
+    if isinstance(ping, Exception):
+        raise ping
+    _writable(probe, result)
+    return result
+
+
+def _not_ready_reason(check: dict[str, Any]) -> str:
+    if check["status"] == "refused":
+        return f"Redis is refusing commands ({check['reason']})"
+    if check["status"] == "timeout":
+        return "Redis did not answer in time"
+    return "Redis unreachable"
 
 
 async def ready(request: web.Request) -> web.Response:
-    """GET /health/ready: 200 only when Redis answers (both tiers)."""
+    """GET /health/ready: 200 only when Redis serves reads (both tiers); says if not writes."""
     redis = request.app[RUNTIME].redis
-    checks = await asyncio.gather(_bounded(_ping(redis["hot"])), _bounded(_ping(redis["warm"])))
-    if all(check["status"] == "connected" for check in checks):
-        return json_response({"status": "ready"})
-    return json_response({"status": "not ready", "reason": "Redis unreachable"}, 503)
+    checks = await asyncio.gather(_bounded(_probe(redis["hot"])), _bounded(_probe(redis["warm"])))
+    for check in checks:
+        if check["status"] not in SERVING:
+            return json_response({"status": "not ready", "reason": _not_ready_reason(check)}, 503)
+    body: dict[str, Any] = {"status": "ready"}
+    refusing = sorted({check["reason"] for check in checks if check["status"] == "read-only"})
+    if refusing:
+        body["degraded"] = f"Redis refuses writes ({', '.join(refusing)})"
+    return json_response(body)
 
 
 async def live(request: web.Request) -> web.Response:

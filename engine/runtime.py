@@ -28,7 +28,9 @@ class Runtime:
     """Everything a process needs to serve reads and run prefetches."""
 
     settings: Settings
-    redis: dict[str, FastRedis]  # by role: hot, warm, queue, metrics (shared when DBs match)
+    # By role: hot, warm, queue, metrics (shared when DBs match), and background: the metrics
+    # DB on a connection of its own for the periodic flushes (see redis_clients).
+    redis: dict[str, FastRedis]
     session: aiohttp.ClientSession
     timeline: TimelineClient
     ca: CAClient
@@ -42,7 +44,12 @@ class Runtime:
 
 
 def redis_clients(settings: Settings) -> dict[str, FastRedis]:
-    """One lazy connection per distinct DB, keyed by role."""
+    """One lazy connection per distinct DB, keyed by role, and one for background flushes.
+
+    Replies on a connection come in order, and a command without a reply in time drops the
+    connection with everything in flight: a large stats or activity flush sharing the read
+    path's socket would delay reads behind it, or fail them with it.
+    """
     by_db: dict[int, FastRedis] = {}
     roles = {
         "hot": settings.db_hot,
@@ -50,9 +57,11 @@ def redis_clients(settings: Settings) -> dict[str, FastRedis]:
         "queue": settings.db_queue,
         "metrics": settings.db_metrics,
     }
-    return {
+    clients = {
         role: by_db.setdefault(db, FastRedis(settings.redis_url, db)) for role, db in roles.items()
     }
+    clients["background"] = FastRedis(settings.redis_url, settings.db_metrics)
+    return clients
 
 
 @contextlib.asynccontextmanager
@@ -65,7 +74,7 @@ async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIte
             tokens = ServiceTokens(settings, session)
             timeline = TimelineClient(settings, session, tokens)
             cache = TimelineCache(settings, redis["hot"], redis["warm"])
-            stats = StatsRecorder(redis["metrics"], settings.metrics_retention_days)
+            stats = StatsRecorder(redis["background"], settings.metrics_retention_days)
             stats.start()
             try:
                 yield Runtime(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from engine.cpus import available_cpus
 from engine.errors import ConfigError
@@ -28,6 +28,9 @@ class Settings:
     service_port: int = 3005
     api_workers: int = 1
     health_port: int = 0
+    api_header_timeout_ms: int = 10_000
+    api_body_timeout_ms: int = 10_000
+    api_max_connections: int = 4_096
     worker_count: int = field(default_factory=available_cpus)
     job_concurrency: int = 100
     batch_size: int = 50
@@ -218,6 +221,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREFETCH_SERVICE_PORT": ("service_port", _PORT),
     "API_WORKERS": ("api_workers", _int(1, 64)),
     "PREFETCH_HEALTH_PORT": ("health_port", _int(0, 65535)),
+    "API_HEADER_TIMEOUT": ("api_header_timeout_ms", _int(100, 600_000)),
+    "API_BODY_TIMEOUT": ("api_body_timeout_ms", _int(100, 600_000)),
+    "API_MAX_CONNECTIONS": ("api_max_connections", _int(16, 1_000_000)),
     "PREFETCH_WORKER_COUNT": ("worker_count", _int(1, 256)),
     "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
     "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),
@@ -342,5 +348,12 @@ def _redis_location(env: Mapping[str, str]) -> dict[str, Any]:
             port = _PORT(port_raw)
         except ValueError as exc:
             raise ConfigError(f"REDIS_PORT={port_raw!r} is not valid: expected {exc}") from None
-    auth = f":{password}@" if password else ""
-    return {"redis_url": f"redis://{auth}{host or '127.0.0.1'}:{port}", "redis_configured": True}
+    # Quoted: a password may hold any of the URL's own delimiters (p@ss/word, a:b, 50%).
+    auth = f":{quote(password, safe='')}@" if password else ""
+    url = f"redis://{auth}{host or '127.0.0.1'}:{port}"
+    try:
+        return {"redis_url": _redis_url(url), "redis_configured": True}
+    except ValueError:
+        raise ConfigError(
+            "REDIS_HOST/REDIS_PORT/REDIS_PASSWORD are not valid: expected a host name or address"
+        ) from None

@@ -2,12 +2,15 @@
 
 One pooled aiohttp session per process serves both. The timeline client decodes straight
 into typed structs and maps every failure to an error of engine.errors, which tells the job
-engine whether it is worth a retry.
+engine whether it is worth a retry. Their messages reach clients (and failed jobs' reasons),
+so they name no host, port or decoder position: those are logged, at debug level (a failing
+upstream fails many calls alike; the message says which kind of failure it was).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -25,6 +28,8 @@ from engine.errors import (
 )
 from engine.metrics import prometheus
 from engine.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def make_session(limit: int) -> aiohttp.ClientSession:
@@ -77,8 +82,12 @@ class ServiceTokens:
                     raise UpstreamError(f"CA refused to issue a service token ({rsp.status})")
             issued = wire.issued_token_decoder.decode(body)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamRetryable(f"CA unreachable for a service token: {exc!r}") from None
-        except msgspec.DecodeError:
+            log.debug("service token request failed: %r", exc)
+            raise UpstreamRetryable(
+                f"CA unreachable for a service token ({type(exc).__name__})"
+            ) from None
+        except msgspec.DecodeError as exc:
+            log.debug("malformed service token answer: %s", exc)
             raise UpstreamError("CA sent a malformed service token") from None
         lifetime = 3600.0
         if issued.expiresAt is not None:
@@ -124,7 +133,8 @@ class TimelineClient:
             try:
                 return wire.timeline_page_decoder.decode(body).posts
             except msgspec.DecodeError as exc:
-                raise UpstreamError(f"timeline sent a malformed body: {exc}") from None
+                log.debug("malformed timeline body for %s: %s", user_id, exc)
+                raise UpstreamError("Timeline service sent a malformed body") from None
         if status == 404:
             raise UpstreamNotFound("Timeline service has no such user")
         if status >= 500:
@@ -139,7 +149,10 @@ class TimelineClient:
         except TimeoutError:
             raise UpstreamTimeout("Timeline service timed out") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamRetryable(f"Timeline service unreachable: {exc!r}") from None
+            log.debug("timeline call failed: %r", exc)
+            raise UpstreamRetryable(
+                f"Timeline service unreachable ({type(exc).__name__})"
+            ) from None
 
     async def health(self) -> dict[str, Any]:
         """The seed's `timeline` health check."""

@@ -130,9 +130,13 @@ def _serve_api(settings: Settings) -> int:
     from aiohttp import web
 
     from api import create_app
+    from api.server import make_runner, raise_file_limit
+
+    # Before the runner sizes its connection limit on it.
+    raise_file_limit()
 
     async def serve() -> None:
-        runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+        runner = make_runner(create_app(settings), settings)
         await runner.setup()
         site = web.TCPSite(
             runner,
@@ -143,7 +147,10 @@ def _serve_api(settings: Settings) -> int:
         )
         await site.start()
         logging.getLogger("api").info(
-            "API on http://%s:%d", settings.service_host, settings.service_port
+            "API on http://%s:%d (at most %d connections)",
+            settings.service_host,
+            settings.service_port,
+            runner.limits.max_connections,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

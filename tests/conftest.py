@@ -31,6 +31,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from api import create_app
+from api.server import make_runner
 from engine.settings import Settings
 from engine.store.fastredis import FastRedis
 from sandbox.config import SandboxSettings
@@ -131,10 +132,23 @@ class Reply:
 class ApiClient:
     """A client of one running API app, with helpers for the sandbox's counters."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        settings: Settings,
+        app: web.Application | None = None,
+    ) -> None:
         self.session = session
         self.url = url
         self.settings = settings
+        self._app = app
+
+    @property
+    def app(self) -> web.Application:
+        """The served application (its Runtime is there while it runs)."""
+        assert self._app is not None
+        return self._app
 
     async def call(
         self,
@@ -174,14 +188,15 @@ class ApiClient:
 @contextlib.asynccontextmanager
 async def serve_api(settings: Settings, **session_options: Any) -> AsyncIterator[ApiClient]:
     """create_app(settings) on a free loopback port, as the CLI runs it, and a client."""
-    runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+    app = create_app(settings)
+    runner = make_runner(app, settings)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         async with aiohttp.ClientSession(base_url=url, **session_options) as session:
-            yield ApiClient(session, url, settings)
+            yield ApiClient(session, url, settings, app)
     finally:
         await runner.cleanup()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 
@@ -172,3 +173,120 @@ async def test_valid_verdict_is_not_cached_past_token_expiry(
         await asyncio.sleep(max(0.0, validated_at + 1.05 - time.monotonic()))
         assert (await api.call("GET", "/api/prefetch/queue/stats")).status == 200
         assert ca.calls == 2
+
+
+class ScriptedCA:
+    """A CA that validates one long token and answers everything else with `answer`.
+
+    Only for answers the sandbox CA cannot give: a long (JWT-sized) valid token, and
+    malformed verdicts.
+    """
+
+    def __init__(self) -> None:
+        self.long_token = "eyJ" + "a" * 400
+        self.answer: tuple[int, bytes] = (401, b'{"valid": false, "error": "INVALID_TOKEN"}')
+        self.seen: list[str] = []
+
+    async def validate(self, request: web.Request) -> web.Response:
+        token = (await request.json())["token"]
+        self.seen.append(token)
+        if token == self.long_token:
+            body = {"valid": True, "permissions": {"read": True, "write": True}}
+            return web.json_response(body, dumps=lambda v: orjson.dumps(v).decode())
+        status, raw = self.answer
+        return web.Response(status=status, body=raw, content_type="application/json")
+
+
+@pytest_asyncio.fixture
+async def scripted_ca() -> AsyncIterator[tuple[ScriptedCA, str]]:
+    ca = ScriptedCA()
+    app = web.Application()
+    app.router.add_post("/api/tokens/validate", ca.validate)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield ca, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def test_the_digest_of_a_long_valid_token_is_not_a_credential(
+    settings: Settings, scripted_ca: tuple[ScriptedCA, str]
+) -> None:
+    ca, url = scripted_ca
+    async with serve_api(settings.with_overrides(ca_url=url)) as api:
+        assert (
+            await api.call("GET", "/api/prefetch/queue/stats", token=ca.long_token)
+        ).status == 200
+        digest = hashlib.sha256(ca.long_token.encode()).hexdigest()
+        reply = await api.call("GET", "/api/prefetch/queue/stats", token=digest)
+        assert reply.status == 401 and reply.body["error"] == "INVALID_TOKEN"
+        assert ca.seen == [ca.long_token, digest]  # the digest was asked about, not looked up
+
+
+MALFORMED_VERDICTS = {
+    "empty-user-id": {"valid": True, "userId": "", "permissions": {"read": True}},
+    "empty-nested-user-id": {
+        "valid": True,
+        "tokenData": {"userId": ""},
+        "permissions": {"read": True},
+    },
+    "user-id-not-a-uuid": {"valid": True, "userId": "admin", "permissions": {"read": True}},
+    "user-id-a-number": {"valid": True, "userId": 42, "permissions": {"read": True}},
+    "nested-user-id-a-number": {
+        "valid": True,
+        "tokenData": {"userId": 42},
+        "permissions": {"read": True},
+    },
+    "user-ids-disagree": {
+        "valid": True,
+        "userId": "550e8400-e29b-41d4-a716-446655440000",
+        "tokenData": {"userId": "7c9e6679-7425-40de-944b-e07fc1f90ae7"},
+        "permissions": {"read": True},
+    },
+    "token-data-not-an-object": {"valid": True, "tokenData": "x", "permissions": {"read": True}},
+    "permission-not-a-bool": {"valid": True, "permissions": {"read": "yes"}},
+    "permissions-null": {"valid": True, "permissions": None},
+    "not-an-object": [True],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_VERDICTS))
+async def test_a_malformed_ca_answer_fails_closed(
+    settings: Settings, scripted_ca: tuple[ScriptedCA, str], case: str
+) -> None:
+    ca, url = scripted_ca
+    ca.answer = (200, orjson.dumps(MALFORMED_VERDICTS[case]))
+    async with serve_api(settings.with_overrides(ca_url=url)) as api:
+        for path in ("/api/prefetch/queue/stats", f"/api/cache/status/{new_user()}"):
+            reply = await api.call("GET", path, token="some-token")
+            assert reply.status == 503, (path, reply.status, reply.body)
+            assert reply.body["error"] == "CA_UNAVAILABLE"
+            assert "127.0.0.1" not in reply.body["message"]
+        # Never cached: the next request asks again.
+        assert len(ca.seen) == 2
+
+
+async def test_a_ca_reason_that_is_not_a_code_is_not_echoed(
+    settings: Settings, scripted_ca: tuple[ScriptedCA, str]
+) -> None:
+    ca, url = scripted_ca
+    ca.answer = (401, orjson.dumps({"valid": False, "error": "<script>at db01:5432</script>"}))
+    async with serve_api(settings.with_overrides(ca_url=url)) as api:
+        reply = await api.call("GET", "/api/prefetch/queue/stats", token="some-token")
+        assert reply.status == 401
+        assert reply.body["message"] == "Token rejected: INVALID_TOKEN"
+
+
+async def test_tokens_outside_printable_ascii_are_refused_unasked(api: ApiClient) -> None:
+    for token in ("caf\u00e9-token", "tab\there"):
+        reply = await api.call("GET", "/api/prefetch/queue/stats", token=token)
+        assert reply.status == 401 and reply.body["error"] == "INVALID_TOKEN"
+    assert (await api.ca_stats())["validateCalls"] == 0
+
+
+async def test_a_ca_failure_names_no_host_or_port(settings: Settings) -> None:
+    port = closed_port()
+    async with serve_api(settings.with_overrides(ca_url=f"http://127.0.0.1:{port}")) as api:
+        reply = await api.call("GET", "/api/prefetch/queue/stats")
+        assert reply.status == 503
+        assert "127.0.0.1" not in reply.body["message"] and str(port) not in reply.body["message"]

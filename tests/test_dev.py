@@ -106,9 +106,15 @@ def test_dev_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path
                 break
             time.sleep(0.2)
         assert ready, "prefetch dev never became ready"
-        started = descendants(proc.pid)
-        titles = " | ".join(started.values())
-        for role in ("prefetch: api", "prefetch: supervisor", "prefetch: worker 1"):
+        # The API may be ready before the supervisor's first worker has named itself.
+        roles = ("prefetch: api", "prefetch: supervisor", "prefetch: worker 1", "prefetch: sandbox")
+        while True:
+            started = descendants(proc.pid)
+            titles = " | ".join(started.values())
+            if all(role in titles for role in roles) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for role in roles:
             assert role in titles, titles
         assert "prefetch: sandbox" in titles, titles
         # No PREFETCH_SERVICE_HOST: the API (and its all-powerful sandbox token) is loopback only.

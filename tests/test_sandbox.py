@@ -33,6 +33,7 @@ from sandbox import SandboxServer, SandboxSettings, SandboxTokens, load_sandbox_
 from sandbox.ca import validate
 from sandbox.server import run_sandbox
 from sandbox.timeline import generate_posts, timeline_body
+from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 USER = "550e8400-e29b-41d4-a716-446655440000"
@@ -236,19 +237,25 @@ async def test_fault_users(server: SandboxServer, session: aiohttp.ClientSession
 async def test_slow_user_does_not_block_others(
     server: SandboxServer, session: aiohttp.ClientSession
 ) -> None:
-    slow_url = timeline(server, "0000510e-0000-4000-8000-000000000001")
-    slow = asyncio.create_task(fetch(session, slow_url))
-    await asyncio.sleep(0.2)
-    started = time.monotonic()
+    slow_user = "0000510e-0000-4000-8000-000000000001"
+    slow = asyncio.create_task(fetch(session, timeline(server, slow_user)))
+
+    async def slow_arrived() -> bool:
+        stats = await get_json(session, f"{server.timeline_url}/__stats")
+        return bool(stats["byUser"].get(slow_user))
+
+    await eventually(slow_arrived)
+    # Served while the slow user's request is still being held: it did not wait behind it.
     status, _ = await fetch(session, timeline(server, USER))
-    assert status == 200 and time.monotonic() - started < 2
+    assert status == 200
     assert not slow.done()
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(slow), timeout=1.0)
     slow.cancel()
     started = time.monotonic()
     await server.stop()
-    assert time.monotonic() - started < 5
+    # A stop does not wait out the slow user's 60 s (its timeout is a second).
+    assert time.monotonic() - started < 30
 
 
 async def test_error_rate_one_fails_every_request(session: aiohttp.ClientSession) -> None:
@@ -267,7 +274,7 @@ async def test_latency_knob_delays_answers(session: aiohttp.ClientSession) -> No
         started = time.monotonic()
         status, _ = await fetch(session, timeline(server, USER))
         elapsed = time.monotonic() - started
-    assert status == 200 and 0.15 <= elapsed < 2.0
+    assert status == 200 and elapsed >= 0.15  # at least the latency; never early
 
 
 async def test_stats_count_fetches_and_reset(

@@ -52,6 +52,32 @@ def test_host_port_and_password_build_a_url() -> None:
     assert settings.redis_url == "redis://:s@cache:6390"
 
 
+@pytest.mark.parametrize("password", ["p@ss/word", "a:b", "50%off", "#?&=", " spaced "])
+def test_a_password_is_quoted_into_the_url(password: str) -> None:
+    from redis import ConnectionPool
+
+    from engine.store.fastredis import RedisAddress
+
+    env = {"REDIS_HOST": "cache", "REDIS_PORT": "6390", "REDIS_PASSWORD": password}
+    url = load_settings(env).redis_url
+    address = RedisAddress.parse(url)
+    assert (address.host, address.port, address.password) == ("cache", 6390, password)
+    pool = ConnectionPool.from_url(url)  # Dramatiq's client reads the same URL
+    assert pool.connection_kwargs["password"] == password
+    assert pool.connection_kwargs["host"] == "cache"
+
+
+def test_api_limits_have_defaults_and_bounds() -> None:
+    settings = load_settings({})
+    assert (settings.api_header_timeout_ms, settings.api_body_timeout_ms) == (10_000, 10_000)
+    assert settings.api_max_connections == 4_096
+    tuned = load_settings(
+        {"API_HEADER_TIMEOUT": "500", "API_BODY_TIMEOUT": "2000", "API_MAX_CONNECTIONS": "64"}
+    )
+    assert (tuned.api_header_timeout_ms, tuned.api_body_timeout_ms) == (500, 2000)
+    assert tuned.api_max_connections == 64
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
@@ -74,6 +100,10 @@ def test_host_port_and_password_build_a_url() -> None:
         ("PREDICTIVE_THRESHOLD", "nan", "a number from 0.01 to 1000.0"),
         ("PREDICTIVE_THRESHOLD", "0", "a number from 0.01 to 1000.0"),
         ("PREDICTIVE_HALF_LIFE", "60000", "an integer from 3600000 to 31536000000"),
+        ("API_HEADER_TIMEOUT", "0", "an integer from 100 to 600000"),
+        ("API_BODY_TIMEOUT", "soon", "an integer from 100 to 600000"),
+        ("API_MAX_CONNECTIONS", "4", "an integer from 16 to 1000000"),
+        ("REDIS_URL", "rediss://cache/?ssl_cert_reqs=sometimes", "whose options parse"),
     ],
 )
 def test_a_malformed_value_names_the_variable_and_the_form(

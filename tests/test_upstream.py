@@ -115,3 +115,21 @@ async def test_an_unreachable_ca_is_unavailable_not_invalid(settings: Settings) 
     async with aiohttp.ClientSession() as session:
         with pytest.raises(CAUnavailable):
             await CAClient(settings, session).validate("sandbox-service")
+
+
+async def test_failure_messages_name_no_host_port_or_decoder_position(settings: Settings) -> None:
+    port = closed_port()
+    gone = settings.with_overrides(timeline_url=f"http://127.0.0.1:{port}")
+    async with make_session(10) as session:
+        timeline = TimelineClient(gone, session, ServiceTokens(gone, session))
+        with pytest.raises(UpstreamRetryable) as unreachable:
+            await timeline.fetch(new_user())
+        timeline = TimelineClient(settings, session, ServiceTokens(settings, session))
+        with pytest.raises(UpstreamError) as malformed:
+            await timeline.fetch(new_user("0000bad0-"))
+    for error in (unreachable.value, malformed.value):
+        text = error.public_message
+        assert text == str(error)  # upstream messages are written to be shown
+        assert "127.0.0.1" not in text and str(port) not in text and "$." not in text, text
+    assert str(unreachable.value).startswith("Timeline service unreachable")
+    assert str(malformed.value) == "Timeline service sent a malformed body"

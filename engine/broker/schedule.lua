@@ -27,7 +27,9 @@ end
 if cur[1] == ARGV[1] then
   return {2, cur[1], cur[3], cur[4]}
 end
-redis.call('DEL', KEYS[1])
+-- No DEL first: HSET rewrites every field, and a DEL (a write Redis does not refuse under
+-- OOM) would exempt the rest of the script from the OOM check: Redis lets a script that has
+-- written go on writing. This way a schedule under OOM is refused whole.
 redis.call('HSET', KEYS[1], 'jobId', ARGV[1], 'rank', ARGV[2], 'priority', ARGV[3],
            'delay', ARGV[4], 'queue', ARGV[9], 'msg', ARGV[5], 'force', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])

@@ -2,18 +2,26 @@
 
 All commands issued by any coroutines during one event-loop iteration go out in one
 `transport.write`; replies are matched to callers FIFO. Per command this costs a fraction of
-redis-py's CPU. A lost or refused connection fails every command in flight with
-`RedisUnavailable`; the next command makes one reconnect attempt (bounded by
-`connect_timeout`). A command without a reply within `timeout` fails with `RedisUnavailable`
-and drops the connection (FIFO matching can no longer be trusted). An error reply raises
-`RedisReplyError`. Replies are RESP2, undecoded (bytes); do not use SUBSCRIBE, MONITOR,
-HELLO 3 or CLIENT REPLY, which break one-reply-per-command.
+redis-py's CPU. A lost connection fails every command in flight with `RedisUnavailable`; the
+next command reconnects (bounded by `connect_timeout`). When a reconnect fails, the next ones
+are made with backoff, in the background: meanwhile every command fails at once instead of
+waiting out a connect timeout behind a dead or blackholed host. A command without a reply
+within `timeout` fails with `RedisUnavailable` and drops the connection (FIFO matching can
+no longer be trusted). An error reply raises `RedisReplyError`, or `RedisRefused` when Redis
+says "not now" (OOM, LOADING, READONLY, ...; see engine.errors). Replies are RESP2, undecoded
+(bytes); do not use SUBSCRIBE, MONITOR, HELLO 3 or CLIENT REPLY, which break
+one-reply-per-command.
+
+TLS (`rediss://`) honours the query options redis-py honours: `ssl_cert_reqs`
+(none|optional|required), `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` and
+`ssl_check_hostname`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,12 +32,29 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
-from engine.errors import ConfigError, RedisReplyError, RedisUnavailable
+from engine.errors import (
+    ConfigError,
+    RedisRefused,
+    RedisReplyError,
+    RedisUnavailable,
+    redis_reply_error,
+)
 
 Arg: TypeAlias = bytes | str | int | float
 """A command argument, as hiredis packs it (ints and floats are sent in decimal)."""
 
 _NOT_ENOUGH_DATA: Final = object()
+# Reconnect backoff after a failed dial: doubles from the first to the last, with jitter so
+# that the processes of a pod do not dial in step.
+RECONNECT_FIRST_S: Final = 0.05
+RECONNECT_MAX_S: Final = 2.0
+_CERT_REQS: Final = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+_TRUE: Final = ("1", "true", "yes", "on", "y")
+_FALSE: Final = ("0", "false", "no", "off", "n")
 # hiredis >= 2.1 packs commands in C; its stub types the argument as a 1-tuple.
 _pack = cast("Callable[[tuple[Arg, ...]], bytes]", hiredis.pack_command)
 
@@ -56,6 +81,49 @@ class Script:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSOptions:
+    """The TLS options of a rediss:// URL, with redis-py's names and defaults."""
+
+    cert_reqs: str = "required"  # none | optional | required
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    check_hostname: bool | None = None  # None: check when certificates are required
+
+    @classmethod
+    def parse(cls, query: dict[str, list[str]]) -> TLSOptions:
+        """The options of a URL query; raises ConfigError on an unknown value or a missing file."""
+        raw = {name: values[-1] for name, values in query.items()}
+        cert_reqs = raw.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+        if cert_reqs not in _CERT_REQS:
+            raise ConfigError("ssl_cert_reqs must be none, optional or required")
+        check: bool | None = None
+        if "ssl_check_hostname" in raw:
+            flag = raw["ssl_check_hostname"].lower()
+            if flag not in _TRUE + _FALSE:
+                raise ConfigError("ssl_check_hostname must be true or false")
+            check = flag in _TRUE
+        files = {
+            name: raw.get(f"ssl_{name}") or None for name in ("ca_certs", "certfile", "keyfile")
+        }
+        for name, path in files.items():
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"ssl_{name}: no such file {path}")
+        return cls(cert_reqs, files["ca_certs"], files["certfile"], files["keyfile"], check)
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: the system's CAs (or `ca_certs`), our certificate if given."""
+        context = ssl.create_default_context(cafile=self.ca_certs)
+        mode = _CERT_REQS[self.cert_reqs]
+        check = self.check_hostname if self.check_hostname is not None else mode != ssl.CERT_NONE
+        context.check_hostname = check and mode != ssl.CERT_NONE
+        context.verify_mode = mode
+        if self.certfile is not None:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
 class RedisAddress:
     """Where and how to connect, as parsed from a redis://, rediss:// or unix:// URL."""
 
@@ -66,12 +134,14 @@ class RedisAddress:
     password: str | None
     db: int
     tls: bool
+    tls_options: TLSOptions = TLSOptions()
 
     @classmethod
     def parse(cls, url: str, db: int = 0) -> RedisAddress:
         """Parse `url`; a db in the URL (`?db=` first, then the path) wins over `db`."""
         parts = urlsplit(url)
-        raw_db = parse_qs(parts.query).get("db", [None])[0]
+        query = parse_qs(parts.query)
+        raw_db = query.get("db", [None])[0]
         password = unquote(parts.password) if parts.password is not None else None
         user = unquote(parts.username) if parts.username else None
         try:
@@ -80,7 +150,9 @@ class RedisAddress:
             elif parts.scheme in ("redis", "rediss"):
                 raw_db = raw_db or parts.path.strip("/") or None
                 host, port = parts.hostname or "127.0.0.1", parts.port or 6379
-                addr = cls(host, port, None, user, password, db, parts.scheme == "rediss")
+                tls = parts.scheme == "rediss"
+                options = TLSOptions.parse(query) if tls else TLSOptions()
+                addr = cls(host, port, None, user, password, db, tls, options)
             else:
                 raise ConfigError(f"unsupported Redis URL {parts.scheme}://{parts.hostname}...")
             if raw_db is not None:
@@ -99,6 +171,13 @@ class RedisAddress:
 @dataclass(slots=True)
 class _Stats:
     writes: int = 0
+
+
+def _still_down(cause: BaseException | None) -> RedisUnavailable:
+    """The error of a command refused while the client waits to reconnect: like the last."""
+    if isinstance(cause, RedisRefused):
+        return RedisRefused(f"reconnecting; Redis last said: {cause}", cause.kind)
+    return RedisUnavailable(f"Redis unavailable, reconnecting: {cause}")
 
 
 def _silence(futures: Sequence[asyncio.Future[Any]]) -> None:
@@ -238,6 +317,11 @@ class FastRedis:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
+        self._tls: ssl.SSLContext | None = None
+        # Dials that failed in a row, when the next may start (loop time), and why it failed.
+        self._failures = 0
+        self._retry_at = 0.0
+        self._down: BaseException | None = None
 
     @classmethod
     async def connect(
@@ -263,6 +347,11 @@ class FastRedis:
         """How many commands await a reply."""
         return len(self._conn._pending) if self._conn is not None else 0
 
+    @property
+    def reconnecting(self) -> bool:
+        """Whether the last dial failed, so that commands fail at once until one succeeds."""
+        return self._failures > 0
+
     async def _connection(self) -> _Connection:
         conn = self._conn
         if conn is not None and not conn.closed:
@@ -270,13 +359,20 @@ class FastRedis:
         if self._closed:
             raise RedisUnavailable("Redis client is closed")
         task = self._connecting
+        if self._failures:
+            # The last dial failed: dial again in the background once the backoff is over,
+            # and fail now rather than hold every caller for a connect timeout.
+            loop = asyncio.get_running_loop()
+            if task is None and loop.time() >= self._retry_at:
+                self._dial_in_background(loop)
+            raise _still_down(self._down)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._open())
-            task.add_done_callback(self._opened)
-            self._connecting = task
+            task = self._dial_in_background(asyncio.get_running_loop())
         try:
             return await asyncio.shield(task)
-        except RedisUnavailable as exc:  # shared by every caller: give each its own
+        except RedisRefused as exc:  # shared by every caller: give each its own
+            raise RedisRefused(str(exc), exc.kind) from exc.__cause__
+        except RedisUnavailable as exc:
             raise RedisUnavailable(str(exc)) from exc.__cause__
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -284,12 +380,27 @@ class FastRedis:
                 raise RedisUnavailable("Redis client closed while connecting") from None
             raise
 
+    def _dial_in_background(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[_Connection]:
+        task = loop.create_task(self._open())
+        task.add_done_callback(self._opened)
+        self._connecting = task
+        return task
+
     def _opened(self, task: asyncio.Task[_Connection]) -> None:
         self._connecting = None
-        if not task.cancelled() and task.exception() is None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            self._failures = 0
             self._conn = task.result()
             if self._closed:  # close() raced with a successful connect
                 self._conn.fail("Redis client closed")
+            return
+        self._failures += 1
+        self._down = error
+        backoff = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** (self._failures - 1))
+        self._retry_at = task.get_loop().time() + backoff * random.uniform(0.8, 1.2)
 
     async def _open(self) -> _Connection:
         try:
@@ -306,7 +417,7 @@ class FastRedis:
         if addr.path is not None:
             await loop.create_unix_connection(lambda: conn, addr.path)
         else:
-            tls, host = (ssl.create_default_context(), addr.host) if addr.tls else (None, None)
+            tls, host = (self._tls_context(), addr.host) if addr.tls else (None, None)
             await loop.create_connection(
                 lambda: conn, addr.host, addr.port, ssl=tls, server_hostname=host
             )
@@ -322,11 +433,20 @@ class FastRedis:
             for fut in futures:
                 if isinstance(reply := await fut, RedisReplyError):
                     _silence(futures)
+                    refused = redis_reply_error(reply)
+                    if isinstance(refused, RedisRefused):  # LOADING, BUSY: not a bad password
+                        raise refused
                     raise RedisUnavailable(f"Redis refused AUTH/SELECT at {addr}: {reply}")
         except BaseException:
             await conn.close()
             raise
         return conn
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Built once: loading CA files per dial would cost a disk read each reconnect.
+        if self._tls is None:
+            self._tls = self.address.tls_options.context()
+        return self._tls
 
     async def close(self) -> None:
         """Close the connection; commands in flight fail and later ones raise."""
@@ -352,13 +472,13 @@ class FastRedis:
             conn = await self._connection()
         reply = await conn.send(payload)
         if isinstance(reply, RedisReplyError):
-            raise reply
+            raise redis_reply_error(reply)
         return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
-        """Send `commands` at once; error replies are returned in the list, as RedisReplyError.
-
-        Connection failures and timeouts raise `RedisUnavailable`."""
+        """Send `commands` at once; error replies are returned in the list, as RedisReplyError
+        (RedisRefused for refusals). Connection failures and timeouts raise `RedisUnavailable`.
+        """
         payloads = [_pack_checked(command) for command in commands]
         if not payloads:
             return []
@@ -369,7 +489,10 @@ class FastRedis:
         results: list[Any] = []
         try:
             for fut in futures:
-                results.append(await fut)
+                reply = await fut
+                results.append(
+                    redis_reply_error(reply) if isinstance(reply, RedisReplyError) else reply
+                )
         except BaseException:
             _silence(futures)
             raise

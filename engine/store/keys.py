@@ -134,3 +134,5 @@ SCHEDULER_LEASE = f"{PREFIX}:scheduler:{{leader}}:lease"
 SCHEDULER_TOKENS = f"{PREFIX}:scheduler:{{leader}}:tokens"
 SCHEDULER_STATUS = f"{PREFIX}:scheduler:{{leader}}:status"  # hash: the last tick's report
 SCHEDULER_TICKS = f"{PREFIX}:scheduler:{{leader}}:ticks"  # hash identity -> ticks it ran
+# Health checks write it (with a short expiry) to find out whether Redis accepts writes.
+HEALTH_PROBE = f"{PREFIX}:health:probe"

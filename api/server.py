@@ -1,0 +1,329 @@
+"""The HTTP server under the app: connection limits, header deadlines and parser errors.
+
+aiohttp answers what happens before a request reaches the app (its request parser, idle
+connections) on its own: a text/plain 400 that echoes the malformed input, a traceback per
+bad request in the log, no deadline on a request's headers, and no bound on connections. Its
+one public hook for that is none, so this module, and only this module, leans on aiohttp's
+internals (web_protocol.RequestHandler, web_server.Server, AppRunner._make_server). The
+aiohttp minor version is pinned in pyproject.toml and tests/test_api_server.py checks every
+assumption made here, so an upgrade fails loudly instead of quietly losing the limits.
+
+What the server adds, per API process:
+- a response's body (and the request's) is let go once it is written, not kept until the
+  connection's next request;
+- every error aiohttp answers itself gets the JSON envelope and an X-Request-Id, and logs one
+  line (not a traceback), at most one per kind every 10 s (engine.throttle);
+- a request's headers must arrive within API_HEADER_TIMEOUT of the connection (or of the
+  request's first byte on a kept-alive connection), else 408 and close;
+- at most `max_connections` open connections (lowered to fit the open-file limit): at the
+  limit the oldest connection with no request in progress (idle, or still sending headers)
+  is closed to make room, so slow clients cannot lock out a health probe; when every
+  connection has a request in progress the newcomer gets 503 and is closed.
+Request bodies are read by api.validation under API_BODY_TIMEOUT, and decompressed there
+(auto_decompress is off, so that a body's size is bounded after decompression too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import secrets
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from api.responses import error_response, json_body_bytes
+from engine.settings import Settings
+from engine.throttle import LogThrottle
+
+log = logging.getLogger("api.server")
+
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+# Idle keep-alive connections are closed after this long (seconds): above the 60 s idle
+# timeout of common load balancers, so that they, not we, close idle connections first.
+KEEPALIVE_S: Final = 75.0
+# File descriptors kept free for everything but client connections: the upstream pool (200
+# connections), Redis, the listening socket, logs and Prometheus files.
+FD_RESERVE: Final = 256
+MIN_CONNECTIONS: Final = 16
+
+# Client-facing text for the parser's complaints, by exception class name; the input the
+# parser quotes (and its position in it) goes to the log only.
+_PARSER_MESSAGES: Final = {
+    "LineTooLong": "Request line or header field too long",
+    "BadHttpMethod": "Unknown HTTP method",
+    "InvalidURLError": "Malformed request target",
+    "TransferEncodingError": "Malformed chunked body",
+    "ContentLengthError": "Body shorter than its Content-Length",
+}
+_STATUS_CODES: Final = {
+    400: "BAD_REQUEST",
+    408: "REQUEST_TIMEOUT",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+    504: "GATEWAY_TIMEOUT",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """The bounds one API process enforces on its clients."""
+
+    header_timeout_s: float
+    max_connections: int
+
+
+def raw_error(status: int, code: str, message: str, request_id: str) -> bytes:
+    """A complete HTTP/1.1 error response with the envelope, for a connection with no request."""
+    body = json_body_bytes(code, message)
+    head = (
+        f"HTTP/1.1 {status} {_phrase(status)}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{REQUEST_ID_HEADER}: {request_id}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _brief(exc: BaseException | None) -> str:
+    """One log-safe line about a parser error: its class and the start of its message."""
+    if exc is None:
+        return "no detail"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]!r}"
+
+
+class EnvelopeHandler(RequestHandler):
+    """aiohttp's connection protocol, with a header deadline and enveloped error answers."""
+
+    __slots__ = ("_envelope_server", "_header_timer", "_requests_at_arm")
+
+    def __init__(self, manager: EnvelopeServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._envelope_server = manager
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._requests_at_arm = 0
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress: waiting for a request, or for the rest of its headers."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._request_in_progress
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+        self._envelope_server.admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm_header_deadline()  # a whole request head arrived
+        elif self._header_timer is None and data and self.idle:
+            self._arm_header_deadline()  # the first bytes of the next request
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_deadline()
+        self._envelope_server.forget(self)
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        timeout = self._envelope_server.limits.header_timeout_s
+        self._requests_at_arm = self._request_count
+        self._header_timer = self._loop.call_later(timeout, self._header_deadline)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        if self._request_count != self._requests_at_arm or self.transport is None:
+            return
+        if self._request_in_progress:
+            return
+        self._envelope_server.throttle.warning(
+            "header-timeout",
+            "closed a connection from %s: no complete request head within %.1f s",
+            self._peer(),
+            self._envelope_server.limits.header_timeout_s,
+        )
+        self.shed(408, "REQUEST_TIMEOUT", "Request headers not received in time")
+
+    async def finish_response(
+        self, request: Any, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, then let go of the bodies once they are on the wire.
+
+        aiohttp's connection loop keeps the last request and response referenced while a
+        kept-alive connection waits for its next request: a 53 KB timeline per idle
+        connection, for as long as the client keeps it open.
+        """
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            if isinstance(resp, web.Response):
+                resp.body = None
+            request._read_bytes = None
+
+    def shed(self, status: int, code: str, message: str) -> None:
+        """Answer a connection that has no request being handled with an error, and close it."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(raw_error(status, code, message, secrets.token_hex(8)))
+        self.force_close()
+
+    def _peer(self) -> str:
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The envelope, with a request id, for what aiohttp answers itself; one log line."""
+        if request.writer.output_size > 0:
+            # As aiohttp does: a response already started cannot be replaced.
+            raise ConnectionError("response already started; cannot send an error response")
+        request_id = secrets.token_hex(8)
+        code = _STATUS_CODES.get(status, "HTTP_ERROR")
+        if status == 400:
+            text = _PARSER_MESSAGES.get(type(exc).__name__, "Malformed HTTP request")
+            self._envelope_server.throttle.warning(
+                "malformed",
+                "malformed request %s from %s: %s",
+                request_id,
+                self._peer(),
+                _brief(exc),
+            )
+        else:
+            text = _phrase(status)
+            self._envelope_server.throttle.warning(
+                f"status-{status}",
+                "request %s from %s failed before the app answered: %s",
+                request_id,
+                self._peer(),
+                _brief(exc),
+            )
+        response = error_response(status, code, text)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        response.force_close()
+        return response
+
+
+class EnvelopeServer(web.Server):
+    """aiohttp's Server, making EnvelopeHandlers and keeping count of open connections."""
+
+    def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.throttle = LogThrottle(log)
+        # Open connections, oldest first (dicts keep insertion order).
+        self._open: dict[EnvelopeHandler, None] = {}
+
+    def __call__(self) -> EnvelopeHandler:
+        return EnvelopeHandler(self, loop=self._loop, **self._kwargs)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet lost."""
+        return len(self._open)
+
+    def admit(self, handler: EnvelopeHandler) -> None:
+        """Count a new connection; over the limit, make room or turn the newcomer away."""
+        self._open[handler] = None
+        if len(self._open) <= self.limits.max_connections:
+            return
+        for other in self._open:
+            if other is not handler and other.idle:
+                self.throttle.warning(
+                    "connection-limit",
+                    "connection limit (%d) reached: closed the oldest idle connection",
+                    self.limits.max_connections,
+                )
+                self.forget(other)
+                other.force_close()
+                return
+        self.throttle.warning(
+            "connection-limit-busy",
+            "connection limit (%d) reached with every connection busy: refused one",
+            self.limits.max_connections,
+        )
+        self.forget(handler)
+        handler.shed(503, "SERVICE_UNAVAILABLE", "Too many connections")
+
+    def forget(self, handler: EnvelopeHandler) -> None:
+        """Stop counting a connection (lost, or closed by us)."""
+        self._open.pop(handler, None)
+
+
+class EnvelopeRunner(web.AppRunner):
+    """An AppRunner whose server is an EnvelopeServer."""
+
+    def __init__(self, app: web.Application, limits: ServerLimits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        # The app's startup runs here; its Server tells us the handler and kwargs it chose.
+        base = await super()._make_server()
+        return EnvelopeServer(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            limits=self.limits,
+            **base._kwargs,
+        )
+
+
+def raise_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as Go's runtime does); the new soft."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_cap(wanted: int) -> int:
+    """`wanted`, lowered so that client connections cannot exhaust the open-file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(MIN_CONNECTIONS, min(wanted, soft - FD_RESERVE))
+
+
+def make_runner(app: web.Application, settings: Settings) -> EnvelopeRunner:
+    """The runner every API process (and the tests) serves `app` with."""
+    limits = ServerLimits(
+        header_timeout_s=settings.api_header_timeout_ms / 1000,
+        max_connections=connection_cap(settings.api_max_connections),
+    )
+    return EnvelopeRunner(
+        app,
+        limits,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=KEEPALIVE_S,
+        auto_decompress=False,
+    )
