@@ -150,10 +150,10 @@ async def test_settle_acks_nacks_and_hands_back_as_dramatiqs_dispatch_does(
     groups = []
     for verb, rid in zip(("ack", "nack", "back"), ids[OURS], strict=True):
         groups += layout.settle_group(verb, "medium", rid, None)
-    assert await layout.settle(ours, WORKER_ID, groups, 50) == 3
+    assert await layout.settle(ours, WORKER_ID, groups, 50) == [True] * 3
     assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
     # Settled again (a duplicate delivery's late settle): nothing moves twice.
-    assert await layout.settle(ours, WORKER_ID, groups, 50) == 0
+    assert await layout.settle(ours, WORKER_ID, groups, 50) == [False] * 3
     assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
     ours_broker.close()
 
