@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick load clean
+.PHONY: run test lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,19 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## every benchmark against its ceiling and the BullMQ peer: JSON + PNG charts
+	$(BIN)/python -m bench
+
+bench-quick: $(BENCH_STAMP)  ## the same in about five minutes (small runs, one round)
+	$(BIN)/python -m bench --quick
+
+soak: $(STAMP)  ## chaos soak: Redis killed and restarted, a worker SIGKILLed, nothing lost
+	$(BIN)/python -m bench.soak
 
 bench-reads: $(STAMP)  ## cached-read throughput with wrk, beside a bare aiohttp handler
 	$(BIN)/python -m bench.bench_reads
