@@ -208,6 +208,23 @@ def test_the_dramatiq_internals_the_executor_uses_are_there(redis_url: str) -> N
     broker.close()
 
 
+async def test_a_consumers_prefetch_cache_holds_encoded_messages_the_reclaimer_can_read(
+    dbs: tuple[FastRedis, RedisBroker],
+) -> None:
+    # LoopWorker.held_ids decodes the cache to know which fetched ids it still holds.
+    _, broker = dbs
+    ids = {broker.enqueue(message()).options["redis_message_id"] for _ in range(3)}
+    consumer = broker.consume("medium", prefetch=3, timeout=100)
+    first = next(consumer)
+    assert first is not None
+    cached = {
+        dramatiq.Message.decode(data).options["redis_message_id"]
+        for data in consumer.message_cache  # type: ignore[attr-defined]
+    }
+    assert cached | {first.options["redis_message_id"]} == ids
+    consumer.close()
+
+
 def test_the_broker_pool_makes_a_burst_of_threads_wait_instead_of_failing(
     redis_url: str,
 ) -> None:

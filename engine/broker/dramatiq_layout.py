@@ -55,6 +55,11 @@ def dead_key(queue: str) -> str:
     return f"{NAMESPACE}:{queue}.XQ"
 
 
+def acks_key(broker_id: str, queue: str) -> str:
+    """A consumer's set of the ids of `queue` it fetched and has not acknowledged."""
+    return f"{NAMESPACE}:__acks__.{broker_id}.{queue}"
+
+
 def acks_pattern() -> str:
     """Every consumer's set of fetched-but-unacknowledged ids."""
     return f"{NAMESPACE}:__acks__.*"

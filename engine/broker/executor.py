@@ -89,6 +89,7 @@ class Executor:
         self._wake_pending = False
         self._running: set[asyncio.Task[None]] = set()
         self._finished: list[_Finished] = []
+        self._held: set[str] = set()  # redis ids taken from the work queue, not yet settled
         self._settler: asyncio.Task[None] | None = None
         self._last_warning = 0.0
         worker.work_queue.on_put = self._on_put
@@ -100,6 +101,10 @@ class Executor:
     @property
     def unsettled(self) -> int:
         return len(self._finished)
+
+    def held_ids(self) -> set[str]:
+        """Redis ids of the messages this executor runs or has yet to settle."""
+        return set(self._held)
 
     # --- taking work ------------------------------------------------------------------------
 
@@ -127,6 +132,7 @@ class Executor:
                     return
             self._idle = False
             self._free -= 1
+            self._held.add(item.message.options["redis_message_id"])
             task = self._loop.create_task(self._run(item.message))
             self._running.add(task)
             task.add_done_callback(self._job_done)
@@ -232,6 +238,7 @@ class Executor:
                 pause = SETTLE_BACKOFF_S[0]
                 del self._finished[: len(batch)]
                 for done, mine in zip(batch, ours, strict=True):
+                    self._held.discard(done.message.options["redis_message_id"])
                     consumer = self._worker.consumer_of(done.message)
                     if consumer is not None:
                         discard_outstanding(consumer, done.message)
