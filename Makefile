@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 # `make load` knobs (see loadtests/README.md)
 DURATION ?= 30s
@@ -14,7 +15,7 @@ MAX_ERROR_RATE ?= 0.01
 IMAGE ?= exprsn-prefetch:e2e
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
 
-.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
+.PHONY: run test lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
 	load sizing deploy-lint docker-e2e clean
 
 $(STAMP): pyproject.toml
@@ -37,6 +38,19 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## every benchmark against its ceiling and the BullMQ peer: JSON + PNG charts
+	$(BIN)/python -m bench
+
+bench-quick: $(BENCH_STAMP)  ## the same in about five minutes (small runs, one round)
+	$(BIN)/python -m bench --quick
+
+soak: $(STAMP)  ## chaos soak: Redis killed and restarted, a worker SIGKILLed, nothing lost
+	$(BIN)/python -m bench.soak
 
 bench-reads: $(STAMP)  ## cached-read throughput with wrk, beside a bare aiohttp handler
 	$(BIN)/python -m bench.bench_reads

@@ -8,8 +8,9 @@ the `prefetch: worker N` processes and a 200-job warm-up, then schedules `--jobs
 - batch:  JobQueue.schedule_batch, PREFETCH_BATCH_SIZE users per message;
 - api:    POST /api/prefetch/schedule/{userId} to a `prefetch api`, `--api-concurrency` at once.
 
-Completion is polled every 50 ms: the `completed` counter of JobQueue.stats() (single, api),
-or the number of warm entries (batch: batch messages do not count in `completed`). Reports
+Completion is polled every 50 ms: the `completed` counter of JobQueue.stats() (a batch
+message counts each of its users there; the warm DB's size would also count the strategies'
+per-shard index keys that the stores create). Reports
 jobs/s, the CPU time per job of the worker processes (and of the sandbox and Redis when they
 run here) and each worker's peak RSS. Then, against the same sandbox, the baseline: a plain
 fetch-and-SET loop in `--workers` processes (uvloop, one aiohttp session, FastRedis,
@@ -24,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import multiprocessing as mp
 import os
 import resource
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -237,10 +240,18 @@ def schedule_fn(
 
 
 async def drive(
-    url: str, users: list[str], args: argparse.Namespace, api_base: str | None
+    url: str,
+    users: list[str],
+    args: argparse.Namespace,
+    api_base: str | None,
+    release: Callable[[], None] | None = None,
 ) -> tuple[int, int, float, float]:
-    """Schedule `users` and wait for them; returns (done, failed, schedule s, total s)."""
-    progress = Progress(url, by_entries=args.mode == "batch")
+    """Schedule `users` and wait for them; returns (done, failed, schedule s, total s).
+
+    With `release` (workers held back while everything is enqueued), the clock starts when
+    it returns, after the scheduling.
+    """
+    progress = Progress(url, by_entries=False)
     await progress.open()
     queue_redis = await FastRedis.connect(url, BENCH_DBS["REDIS_DB_QUEUE"])
     try:
@@ -249,9 +260,13 @@ async def drive(
         started = time.perf_counter()
         await schedule(JobQueue(queue_redis), users)
         scheduled = time.perf_counter()
+        schedule_s = scheduled - started
+        if release is not None:
+            release()
+            started = time.perf_counter()
         timeout = max(120.0, len(users) / 50)
         done, failed, ended = await progress.wait(done0 + len(users), timeout)
-        return done - done0, failed - failed0, scheduled - started, ended - started
+        return done - done0, failed - failed0, schedule_s, ended - started
     finally:
         await queue_redis.close()
         await progress.close()
@@ -281,6 +296,11 @@ def verify_entries(url: str, users: list[str], compression: str) -> list[str]:
         return problems
 
     return uvloop.run(check())
+
+
+def enqueue_first(args: argparse.Namespace) -> bool:
+    """Whether every job is enqueued before the workers may take any (not in api mode)."""
+    return bool(getattr(args, "enqueue_first", False)) and args.mode != "api"
 
 
 def run_engine(
@@ -330,16 +350,41 @@ def run_engine(
     if api is not None:
         roles["api"] = [api.pid]
     fetches0 = http_json(upstreams["TIMELINE_SERVICE_URL"] + "/__stats")["timelineFetches"]
-    before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items() if pids}
-    self0 = time.process_time()
-    busy0 = system_busy_seconds()
-    print(f"scheduling {args.jobs} jobs ({args.mode}) ...")
-    run.done, run.failed, run.schedule_seconds, run.seconds = uvloop.run(
-        drive(url, users, args, api_base)
-    )
-    busy = system_busy_seconds() - busy0
+    mark: dict[str, Any] = {}
+
+    def snapshot() -> None:
+        mark["cpu"] = {r: sum(cpu_seconds(p) for p in pids) for r, pids in roles.items() if pids}
+        mark["self"] = time.process_time()
+        mark["busy"] = system_busy_seconds()
+
+    release: Callable[[], None] | None = None
+    if enqueue_first(args):
+        # Workers are stopped (SIGSTOP) while every job is enqueued, as the peers' runs do;
+        # the clock and the CPU readings start when they continue.
+        for pid in roles["workers"]:
+            os.kill(pid, signal.SIGSTOP)
+
+        def release() -> None:
+            snapshot()
+            for pid in roles["workers"]:
+                os.kill(pid, signal.SIGCONT)
+
+        print(f"enqueueing {args.jobs} jobs first ({args.mode}), workers stopped ...")
+    else:
+        snapshot()
+        print(f"scheduling {args.jobs} jobs ({args.mode}) ...")
+    try:
+        run.done, run.failed, run.schedule_seconds, run.seconds = uvloop.run(
+            drive(url, users, args, api_base, release)
+        )
+    finally:
+        for pid in roles["workers"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    before = mark["cpu"]
+    busy = system_busy_seconds() - mark["busy"]
     run.cpu_s = {r: sum(cpu_seconds(p) for p in roles[r]) - before[r] for r in before}
-    run.cpu_s["bench"] = time.process_time() - self0
+    run.cpu_s["bench"] = time.process_time() - mark["self"]
     run.account_others(busy)
     fetches = http_json(upstreams["TIMELINE_SERVICE_URL"] + "/__stats")["timelineFetches"]
     fetched = fetches - fetches0
@@ -557,11 +602,12 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
-def run_matrix(args: argparse.Namespace) -> None:
-    """single and batch, 0 and 50 ms, `--rounds` rounds each: medians, one table, one JSON."""
+def matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """single and batch at each of `args.latencies` (0 and 50 ms), `--rounds` rounds each:
+    one cell of medians (engine, baseline, their ratios) per mode and latency."""
     cells: list[dict[str, Any]] = []
     for mode in ("single", "batch"):
-        for latency in (0, 50):
+        for latency in getattr(args, "latencies", None) or (0, 50):
             rounds: list[list[Run]] = []
             for n in range(args.rounds):
                 print(f"--- {mode}, {latency} ms, round {n + 1}/{args.rounds}")
@@ -588,6 +634,18 @@ def run_matrix(args: argparse.Namespace) -> None:
                 base_rate = cell["baseline"]["jobs_per_s"]
                 cell["rate_ratio"] = cell["engine"]["jobs_per_s"] / base_rate if base_rate else None
             cells.append(cell)
+    return cells
+
+
+def run_matrix(args: argparse.Namespace) -> None:
+    """The matrix, printed as one table of medians and saved as one JSON."""
+    cells = matrix(args)
+    print_matrix(args, cells)
+    payload = {"bench": "prefetch-matrix", "args": vars(args), "machine": machine(), "cells": cells}
+    print(f"saved {save_result('prefetch-matrix', payload)}")
+
+
+def print_matrix(args: argparse.Namespace, cells: list[dict[str, Any]]) -> None:
     print()
     print(
         f"medians of {args.rounds} rounds, {args.jobs} jobs each, {args.workers} workers x "
@@ -612,8 +670,6 @@ def run_matrix(args: argparse.Namespace) -> None:
             ]
         )
     print_table(headers, rows)
-    payload = {"bench": "prefetch-matrix", "args": vars(args), "machine": machine(), "cells": cells}
-    print(f"saved {save_result('prefetch-matrix', payload)}")
 
 
 def main() -> None:
@@ -636,6 +692,11 @@ def main() -> None:
         help="single and batch at 0 and 50 ms, --rounds rounds each, medians in one table",
     )
     parser.add_argument("--rounds", type=int, default=3, help="--matrix: rounds per cell")
+    parser.add_argument(
+        "--enqueue-first",
+        action="store_true",
+        help="single/batch: enqueue every job while the workers are stopped, then time them",
+    )
     args = parser.parse_args()
     if args.matrix:
         run_matrix(args)

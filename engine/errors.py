@@ -147,6 +147,10 @@ class UpstreamTimeout(UpstreamRetryable):
     code = "UPSTREAM_TIMEOUT"
 
 
+class JobDeadlineExceeded(UpstreamTimeout):
+    """A prefetch outlived its job deadline (PREFETCH_JOB_DEADLINE): retried like a timeout."""
+
+
 class UpstreamNotFound(UpstreamError):
     """The timeline service has no such user."""
 

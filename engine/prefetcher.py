@@ -153,7 +153,10 @@ class Prefetcher:
 
     def record(self, ok: bool, started: float, origin: str) -> None:
         """Count one finished prefetch operation, started by `origin`, in the stats."""
-        elapsed = time.perf_counter() - started
+        self.count(ok, time.perf_counter() - started, origin)
+
+    def count(self, ok: bool, elapsed: float, origin: str) -> None:
+        """Count one prefetch operation that finished after `elapsed` seconds."""
         self.stats.prefetch(ok, elapsed * 1000, origin)
         prometheus.OPERATIONS.labels(origin=origin, status="completed" if ok else "failed").inc()
         prometheus.QUEUE_DURATION.observe(elapsed)

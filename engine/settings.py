@@ -62,6 +62,7 @@ class Settings:
     predictive_half_life_ms: int = 14 * 86_400_000
     max_timeline_size: int = 100
     prefetch_timeout_ms: int = 10_000
+    job_deadline_ms: int = 0  # 0: derived from prefetch_timeout_ms (see job_deadline_s)
     prefetch_max_attempts: int = 3
     prefetch_backoff_ms: int = 2_000
     prefetch_shutdown_timeout_ms: int = 30_000
@@ -86,6 +87,14 @@ class Settings:
     @property
     def warm_ttl_s(self) -> int:
         return max(1, self.warm_ttl_ms // 1000)
+
+    @property
+    def job_deadline_s(self) -> float:
+        """How long one user's prefetch in a job may take in all: PREFETCH_JOB_DEADLINE, else
+        twice PREFETCH_TIMEOUT (a fetch retried once with a fresh token) plus 5 s for Redis."""
+        if self.job_deadline_ms:
+            return self.job_deadline_ms / 1000
+        return (2 * self.prefetch_timeout_ms + 5_000) / 1000
 
     def ttl_ms(self, tier: str) -> int:
         return self.hot_ttl_ms if tier == "hot" else self.warm_ttl_ms
@@ -253,6 +262,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", _int(3_600_000, 31_536_000_000)),
     "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
     "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
+    "PREFETCH_JOB_DEADLINE": ("job_deadline_ms", _int(0, 3_600_000)),
     "PREFETCH_MAX_ATTEMPTS": ("prefetch_max_attempts", _int(1, 20)),
     "PREFETCH_BACKOFF_MS": ("prefetch_backoff_ms", _int(0, 3_600_000)),
     "PREFETCH_SHUTDOWN_TIMEOUT": ("prefetch_shutdown_timeout_ms", _int(0, 600_000)),

@@ -150,10 +150,10 @@ async def test_settle_acks_nacks_and_hands_back_as_dramatiqs_dispatch_does(
     groups = []
     for verb, rid in zip(("ack", "nack", "back"), ids[OURS], strict=True):
         groups += layout.settle_group(verb, "medium", rid, None)
-    assert await layout.settle(ours, WORKER_ID, groups, 50) == 3
+    assert await layout.settle(ours, WORKER_ID, groups, 50) == [True] * 3
     assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
     # Settled again (a duplicate delivery's late settle): nothing moves twice.
-    assert await layout.settle(ours, WORKER_ID, groups, 50) == 0
+    assert await layout.settle(ours, WORKER_ID, groups, 50) == [False] * 3
     assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
     ours_broker.close()
 
@@ -206,6 +206,23 @@ def test_the_dramatiq_internals_the_executor_uses_are_there(redis_url: str) -> N
     assert isinstance(consumer.queued_message_ids, set)  # type: ignore[attr-defined]
     assert isinstance(consumer.message_cache, list)  # type: ignore[attr-defined]
     broker.close()
+
+
+async def test_a_consumers_prefetch_cache_holds_encoded_messages_the_reclaimer_can_read(
+    dbs: tuple[FastRedis, RedisBroker],
+) -> None:
+    # LoopWorker.held_ids decodes the cache to know which fetched ids it still holds.
+    _, broker = dbs
+    ids = {broker.enqueue(message()).options["redis_message_id"] for _ in range(3)}
+    consumer = broker.consume("medium", prefetch=3, timeout=100)
+    first = next(consumer)
+    assert first is not None
+    cached = {
+        dramatiq.Message.decode(data).options["redis_message_id"]
+        for data in consumer.message_cache  # type: ignore[attr-defined]
+    }
+    assert cached | {first.options["redis_message_id"]} == ids
+    consumer.close()
 
 
 def test_the_broker_pool_makes_a_burst_of_threads_wait_instead_of_failing(

@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import dramatiq
@@ -25,7 +26,7 @@ from dramatiq.middleware import CurrentMessage
 from engine import wire
 from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import ACTOR_PRIORITY, QUEUES, actor_name, job_kwargs
-from engine.errors import UpstreamError
+from engine.errors import JobDeadlineExceeded, UpstreamError
 from engine.prefetcher import PrefetchResult
 from engine.runtime import Runtime
 from engine.store import keys
@@ -56,6 +57,42 @@ def current_attempt() -> int:
     return int(message.options.get("retries", 0)) + 1 if message is not None else 1
 
 
+async def prefetch_within_deadline(
+    runtime: Runtime, user_id: str, priority: str, *, force: bool, origin: str
+) -> PrefetchResult:
+    """One user's prefetch, bounded by the job deadline (PREFETCH_JOB_DEADLINE).
+
+    Dramatiq's TimeLimit went away with its worker threads: without this, a job would be
+    bounded only by the upstream's and Redis's own timeouts, and a hang anywhere else would
+    hold a slot of PREFETCH_JOB_CONCURRENCY for good. Past the deadline the prefetch is
+    cancelled and fails as a timeout: retried like one, then failed-listed.
+    """
+    deadline = runtime.settings.job_deadline_s
+    bound = asyncio.timeout(deadline)
+    try:
+        async with bound:
+            return await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
+    except TimeoutError:
+        if bound.expired():
+            raise JobDeadlineExceeded(
+                f"Job deadline of {deadline * 1000:.0f} ms exceeded"
+            ) from None
+        raise
+
+
+def record_when_settled(runtime: Runtime, ok: bool, started: float, origin: str) -> None:
+    """Count a job's outcome in this process's stats once the executor has written it to Redis,
+    and only if this delivery was the one settled: an attempt that runs again after a Redis
+    failure, or a message redelivered to another worker, is counted once, as Redis counts it.
+    """
+    elapsed = time.perf_counter() - started
+    count = partial(runtime.prefetcher.count, ok, elapsed, origin)
+    try:
+        layout.current_ledger().on_settled.append(count)
+    except RuntimeError:  # called outside the executor (a direct call): nothing to wait for
+        count()
+
+
 async def run_job(
     runtime: Runtime,
     priority: str,
@@ -68,12 +105,12 @@ async def run_job(
     """One attempt of one user's prefetch."""
     started = time.perf_counter()
     try:
-        await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
+        await prefetch_within_deadline(runtime, user_id, priority, force=force, origin=origin)
     except UpstreamError as exc:
         if exc.retryable:
             raise dramatiq.Retry(str(exc), delay=backoff_ms(runtime, current_attempt())) from exc
         raise  # in the actor's `throws`: fails at once
-    runtime.prefetcher.record(True, started, origin)
+    record_when_settled(runtime, True, started, origin)
 
 
 async def run_batch(
@@ -93,10 +130,18 @@ async def run_batch(
     started = time.perf_counter()
 
     async def one(user_id: str) -> PrefetchResult:
-        async with runtime.batch_slots:
-            return await runtime.prefetcher.prefetch(user_id, priority, force=force, origin=origin)
+        async with runtime.batch_slots:  # the deadline starts once the user has a slot
+            return await prefetch_within_deadline(
+                runtime, user_id, priority, force=force, origin=origin
+            )
 
     outcomes = await asyncio.gather(*(one(user_id) for user_id in user_ids), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, UpstreamError):
+            # Redis failed mid-batch (the executor runs the message again later: nothing of
+            # this run is written), or a bug (Dramatiq's Retries retries the message). Raised
+            # before any user is settled, so that the next run settles each of them once.
+            raise outcome
     ledger = layout.current_ledger()
     settings = runtime.settings
     millis = int(time.time() * 1000)
@@ -113,15 +158,11 @@ async def run_batch(
                     retries=1,
                 )
             else:
-                runtime.prefetcher.record(False, started, origin)
+                record_when_settled(runtime, False, started, origin)
                 ledger.failed(_record(job_id, user_id, priority, str(outcome), 1))
-        elif isinstance(outcome, BaseException):
-            # Redis failed mid-batch (the executor runs the message again later: nothing of
-            # this run is written), or a bug (Dramatiq's Retries retries the message).
-            raise outcome
         else:
             done += 1
-            runtime.prefetcher.record(True, started, origin)
+            record_when_settled(runtime, True, started, origin)
     return done
 
 
@@ -186,7 +227,7 @@ class JobOutcome(dramatiq.Middleware):
             ledger.clear_pending(pending, job_id)
             ledger.failed(_record(job_id, user_id, priority, str(exception), attempts))
             origin = message.kwargs.get("origin", "schedule")
-            self._holder.get().prefetcher.record(False, _started.get(), origin)
+            record_when_settled(self._holder.get(), False, _started.get(), origin)
         elif ledger.messages:
             ledger.move_pending(pending, job_id, ledger.messages[-1])
 

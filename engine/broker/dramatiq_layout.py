@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,11 @@ def dead_key(queue: str) -> str:
     return f"{NAMESPACE}:{queue}.XQ"
 
 
+def acks_key(broker_id: str, queue: str) -> str:
+    """A consumer's set of the ids of `queue` it fetched and has not acknowledged."""
+    return f"{NAMESPACE}:__acks__.{broker_id}.{queue}"
+
+
 def acks_pattern() -> str:
     """Every consumer's set of fetched-but-unacknowledged ids."""
     return f"{NAMESPACE}:__acks__.*"
@@ -83,11 +88,16 @@ class Outgoing:
 
 @dataclass(slots=True)
 class Ledger:
-    """What a step will write atomically: messages enqueued meanwhile, and settle ops."""
+    """What a step will write atomically: messages enqueued meanwhile, and settle ops.
+
+    `on_settled`: what to do in this process once the step's settle landed and the message
+    was still this worker's (the in-memory stats count the outcome exactly when Redis did).
+    """
 
     messages: list[Outgoing] = field(default_factory=list)
     ops: list[Arg] = field(default_factory=list)
     op_count: int = 0
+    on_settled: list[Callable[[], None]] = field(default_factory=list)
 
     def clear_pending(self, pending_key: str, job_id: str) -> None:
         """The job is over: drop the user's pending mark if it is still this job's."""
@@ -199,12 +209,15 @@ def settle_group(verb: str, queue: str, redis_id: str, ledger: Ledger | None) ->
     return [verb, queue, redis_id, ledger.total_ops, *ledger.settle_args()]
 
 
-async def settle(redis: FastRedis, broker_id: str, groups: list[Arg], failed_keep: int) -> int:
-    """Settle messages (see settle.lua) in one atomic step; returns how many were still ours."""
+async def settle(
+    redis: FastRedis, broker_id: str, groups: list[Arg], failed_keep: int
+) -> list[bool]:
+    """Settle messages (see settle.lua) in one atomic step; per message, in order, whether it
+    was still ours (and so settled by this call)."""
     reply = await redis.evalsha_or_eval(
         SETTLE, settle_keys(), [broker_id, int(time.time() * 1000), failed_keep, *groups]
     )
-    return int(reply)
+    return [flag == 1 for flag in reply]
 
 
 def stats_commands(queues: list[str]) -> list[tuple[Arg, ...]]:

@@ -213,3 +213,27 @@ class LoopWorker(dramatiq.Worker):
 
     def consumer_of(self, message: MessageProxy) -> ConsumerThread | None:
         return self.consumers.get(message.queue_name)
+
+    def held_ids(self) -> set[str]:
+        """Redis ids of the messages this process holds before the executor takes them: in
+        each consumer's prefetch cache and delay queue, then in the work queue.
+
+        Read from another thread than the consumers', in the order messages flow (cache,
+        delay queue, work queue), so that one moving on meanwhile is seen where it was. One
+        that a consumer thread has in hand between two of them is missed; callers confirm
+        what is missing over two readings (engine/broker/reclaim.py).
+        """
+        held: set[str] = set()
+        for thread in list(self.consumers.values()):
+            consumer = thread.consumer
+            for data in list(getattr(consumer, "message_cache", None) or ()):
+                held.add(dramatiq.Message.decode(data).options["redis_message_id"])
+            held.update(_queued_ids(thread.delay_queue))
+        held.update(_queued_ids(self.work_queue))
+        return held
+
+
+def _queued_ids(queue: PriorityQueue[WorkItem]) -> set[str]:
+    with queue.mutex:
+        items = list(queue.queue)
+    return {item.message.options["redis_message_id"] for item in items}

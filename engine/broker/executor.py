@@ -8,7 +8,9 @@ job outcome) and its actor's coroutine, inside a ledger: the messages that Drama
 meanwhile (a retry) and the outcome (completion, failed-list record) are not written then,
 but together with the message's acknowledgement, in one atomic script call per batch of
 finished messages (settle.lua). So a message is never acknowledged without its outcome, and
-an outcome is never written twice for one delivery.
+an outcome is never written twice for one delivery. What the job counts in this process's
+stats waits in the ledger too (`on_settled`), and is counted only for a message that the
+settle found still this worker's: the in-memory stats agree with the Redis counters.
 
 When Redis fails (unreachable, or refusing writes: OOM, LOADING), nothing of the attempt is
 written: the job runs again after a backoff, and a settle that fails is retried until Redis
@@ -87,6 +89,7 @@ class Executor:
         self._wake_pending = False
         self._running: set[asyncio.Task[None]] = set()
         self._finished: list[_Finished] = []
+        self._held: set[str] = set()  # redis ids taken from the work queue, not yet settled
         self._settler: asyncio.Task[None] | None = None
         self._last_warning = 0.0
         worker.work_queue.on_put = self._on_put
@@ -98,6 +101,10 @@ class Executor:
     @property
     def unsettled(self) -> int:
         return len(self._finished)
+
+    def held_ids(self) -> set[str]:
+        """Redis ids of the messages this executor runs or has yet to settle."""
+        return set(self._held)
 
     # --- taking work ------------------------------------------------------------------------
 
@@ -125,6 +132,7 @@ class Executor:
                     return
             self._idle = False
             self._free -= 1
+            self._held.add(item.message.options["redis_message_id"])
             task = self._loop.create_task(self._run(item.message))
             self._running.add(task)
             task.add_done_callback(self._job_done)
@@ -221,7 +229,7 @@ class Executor:
                         done.ledger,
                     )
                 try:
-                    await layout.settle(self._redis, broker_id, groups, self._failed_keep)
+                    ours = await layout.settle(self._redis, broker_id, groups, self._failed_keep)
                 except (RedisUnavailable, RedisReplyError) as exc:
                     self._warn(f"could not settle {len(batch)} finished jobs yet", exc)
                     await asyncio.sleep(pause)
@@ -229,10 +237,13 @@ class Executor:
                     continue
                 pause = SETTLE_BACKOFF_S[0]
                 del self._finished[: len(batch)]
-                for done in batch:
+                for done, mine in zip(batch, ours, strict=True):
+                    self._held.discard(done.message.options["redis_message_id"])
                     consumer = self._worker.consumer_of(done.message)
                     if consumer is not None:
                         discard_outstanding(consumer, done.message)
+                    if mine and done.ledger is not None:
+                        _run_callbacks(done.ledger)
         finally:
             self._settler = None
 
@@ -264,3 +275,12 @@ class Executor:
                 )
                 settler.cancel()
         return stuck
+
+
+def _run_callbacks(ledger: layout.Ledger) -> None:
+    """What the job asked to do once its outcome was written (counting it in this process)."""
+    for callback in ledger.on_settled:
+        try:
+            callback()
+        except Exception:
+            log.exception("a settled job's callback failed")

@@ -10,17 +10,17 @@
 --     'failed' record          count a failed job and keep its record (newest first)
 -- A message's ops apply only if the message is still this worker's (SREM from its ack set):
 -- one that was handed to another worker meanwhile is settled by that one, and counted once.
--- Replies the number of messages settled.
+-- Replies, per message in order, 1 if it was still this worker's (settled here), else 0.
 local ns = KEYS[1]
-local settled = 0
+local settled = {}
 local i = 4
 while i <= #ARGV do
   local verb, queue, id, nops = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   i = i + 4
   local mine = redis.call('SREM', ns .. ':__acks__.' .. ARGV[1] .. '.' .. queue, id) == 1
   local msgs = ns .. ':' .. queue .. '.msgs'
+  settled[#settled + 1] = mine and 1 or 0
   if mine then
-    settled = settled + 1
     if verb == 'ack' then
       redis.call('HDEL', msgs, id)
     elseif verb == 'nack' then

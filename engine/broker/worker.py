@@ -8,6 +8,7 @@ delay queue) fetch messages; the executor runs them as coroutines on this proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -22,6 +23,7 @@ from engine.broker.actors import JobOutcome, RuntimeHolder, register_actors
 from engine.broker.dramatiq_worker import LoopWorker
 from engine.broker.executor import Executor, Handler
 from engine.broker.jobs import FAILED_KEEP, QUEUES
+from engine.broker.reclaim import Reclaimer
 from engine.process import set_title
 from engine.runtime import open_runtime
 from engine.settings import Settings
@@ -130,11 +132,16 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         broker.emit_after("process_boot")
         worker.start()
         executor.start()
+        reclaimer = Reclaimer(broker_id, runtime.redis["queue"], worker, executor)
+        sweeping = asyncio.create_task(reclaimer.run(), name="reclaim-stranded")
         # Everything alive now (modules, the Runtime) lives as long as the process: keep it
         # out of every future collection, which otherwise rescans it while jobs churn objects.
         gc.freeze()
         log.info("worker %d up (%s), %d jobs in flight", index, broker_id, settings.job_concurrency)
         code = await _watch(worker, stop)
+        sweeping.cancel()  # what the drain hands back is not stranded
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeping
         log.info("worker %d draining (up to %d ms)", index, settings.prefetch_shutdown_timeout_ms)
         stuck = await executor.drain(settings.prefetch_shutdown_timeout_ms / 1000)
         if stuck:

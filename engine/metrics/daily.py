@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.broker.jobs import ORIGINS
+from engine.errors import RedisReplyError
 from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.fastredis import FastRedis
@@ -78,23 +79,27 @@ class StatsRecorder:
         prometheus.PREFETCHED_WASTED.labels(origin=origin).inc(count)
 
     async def flush(self) -> None:
-        """Add the tally to today's hash and the lifetime hash; keep it if Redis is down."""
+        """Add the tally to today's hash and the lifetime hash, all or nothing (MULTI/EXEC);
+        keep it for the next flush if Redis is down or refuses writes (OOM, LOADING)."""
         if not self._tally:
             return
         tally, self._tally = self._tally, Counter()
         day_key = keys.metrics_day(utc_day())
-        commands: list[tuple[Any, ...]] = []
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
         for field, amount in tally.items():
             commands.append(("HINCRBY", day_key, field, amount))
             commands.append(("HINCRBY", keys.METRICS_TOTAL, field, amount))
         commands.append(("EXPIRE", day_key, self._retention_s))
+        commands.append(("EXEC",))
         try:
             replies = await self._redis.pipeline(commands)
         except Exception:
             self._tally.update(tally)  # counted again at the next flush
             raise
-        if any(isinstance(reply, Exception) for reply in replies):
-            log.warning("metrics flush: some counters were refused: %r", replies)
+        applied = replies[-1]
+        if not isinstance(applied, list):  # EXECABORT (a command was refused): none applied
+            self._tally.update(tally)
+            raise RedisReplyError(f"metrics flush refused: {applied!r}")
 
     async def _loop(self) -> None:
         while True:
