@@ -22,7 +22,7 @@ from api.responses import iso_now, json_response
 from engine.errors import PrefetchError
 from engine.metrics import prometheus
 from engine.store import keys
-from engine.store.fastredis import FastRedis
+from engine.store.client import RedisClient
 from engine.strategies.leader import leader_status
 from engine.strategies.sidecar import scheduler_wanted
 
@@ -53,7 +53,7 @@ def _info_field(info: bytes, name: str) -> str | None:
     return None
 
 
-async def _redis_check(client: FastRedis, db: int, *, memory: bool) -> dict[str, Any]:
+async def _redis_check(client: RedisClient, db: int, *, memory: bool) -> dict[str, Any]:
     """PING latency, key count (DBSIZE) and, for the hot tier, Redis's memory use."""
     started = time.perf_counter()
     await client.execute("PING")
@@ -185,7 +185,7 @@ async def health_ca(request: web.Request) -> web.Response:
     return _upstream_response(await _bounded(request.app[RUNTIME].ca.health()))
 
 
-async def _count_entries(client: FastRedis, tier: str) -> dict[str, Any]:
+async def _count_entries(client: RedisClient, tier: str) -> dict[str, Any]:
     """Entries of one tier by SCAN, stopping (and saying so) after SCAN_MAX_STEPS steps."""
     cursor, count, steps = b"0", 0, 0
     while True:
@@ -212,7 +212,7 @@ async def health_cache(request: web.Request) -> web.Response:
     return json_response(body, 200 if ok else 503)
 
 
-async def _ping(client: FastRedis) -> dict[str, Any]:
+async def _ping(client: RedisClient) -> dict[str, Any]:
     await client.execute("PING")
     return {"status": "connected"}
 

@@ -23,7 +23,7 @@ from engine.broker.dramatiq_worker import LoopWorker
 from engine.broker.executor import Executor, Handler
 from engine.broker.jobs import FAILED_KEEP, QUEUES
 from engine.process import set_title
-from engine.runtime import open_runtime
+from engine.runtime import open_runtime, queue_client
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def broker_pool(settings: Settings) -> redis.BlockingConnectionPool:
     """
     consumers = 2 * len(QUEUES)
     return redis.BlockingConnectionPool.from_url(
-        settings.redis_url, db=settings.db_queue, max_connections=consumers + 2, timeout=20
+        settings.queue_redis_url, db=settings.db_queue, max_connections=consumers + 2, timeout=20
     )
 
 
@@ -122,7 +122,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         executor = Executor(
             broker,
             worker,
-            runtime.redis["queue"],
+            queue_client(runtime.redis),
             handlers,
             concurrency=settings.job_concurrency,
             failed_keep=FAILED_KEEP,
