@@ -111,8 +111,8 @@ def test_a_misspelt_prefetch_variable_is_refused() -> None:
         load_settings({"PREFETCH_WORKERCOUNT": "4"})
 
 
-def test_cluster_mode_is_refused_rather_than_ignored() -> None:
-    with pytest.raises(ConfigError, match="REDIS_CLUSTER_MODE"):
+def test_cluster_mode_without_a_queue_node_is_refused_rather_than_ignored() -> None:
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER_MODE=true needs BROKER_URL"):
         load_settings({"REDIS_CLUSTER_MODE": "true"})
 
 
