@@ -283,9 +283,13 @@ async def test_a_worker_and_the_scheduler_fill_the_cluster(
             return all(seen.exists(*(keys.timeline(t, u) for t in tiers)) for u in active)
 
         await wait_for(all_cached, 45, "the scheduler's batches to land on the cluster")
-        stats = await api.call("GET", "/api/prefetch/queue/stats")
-        tick = stats.body["data"]["scheduler"]["lastTick"]
-        assert tick is not None and tick["enqueued.activity"] >= 1
+
+        async def reported() -> Any:  # the leader reports once its tick (and sweep) ended
+            stats = await api.call("GET", "/api/prefetch/queue/stats")
+            return stats.body["data"]["scheduler"]["lastTick"]
+
+        tick = await wait_for(reported, 20, "the leader's tick report on the queue node")
+        assert tick["durationMs"] >= 0 and "candidates.activity" in tick
         errors = [line for line in process.log().splitlines() if " ERROR " in line]
         assert errors == []
 
