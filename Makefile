@@ -15,7 +15,7 @@ MAX_ERROR_RATE ?= 0.01
 IMAGE ?= exprsn-prefetch:e2e
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
 
-.PHONY: run test lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
+.PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
 	load sizing deploy-lint docker-e2e clean
 
 $(STAMP): pyproject.toml
@@ -29,6 +29,9 @@ run: $(STAMP)  ## the whole service on embedded defaults (Valkey, sandbox upstre
 
 test: $(STAMP)  ## the test suite, against REDIS_URL or an embedded Valkey
 	$(BIN)/python -m pytest
+
+test-cluster: $(STAMP)  ## the Redis Cluster tests (a 6-node cluster and TLS servers of their own)
+	$(BIN)/python -m pytest -m cluster tests/test_cluster.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -58,8 +61,8 @@ bench-reads: $(STAMP)  ## cached-read throughput with wrk, beside a bare aiohttp
 bench-prefetch: $(STAMP)  ## end-to-end jobs/s, beside a plain asyncio fetch-and-SET loop
 	$(BIN)/python -m bench.bench_prefetch
 
-bench-redis-client: $(STAMP)
-	$(BIN)/python -m bench.bench_redis_client
+bench-redis-client: $(STAMP)  ## GET of a 9.6 KB entry: FastRedis, redis-py, glide; one node and a cluster
+	$(BIN)/python -m bench.bench_redis_client --size 9830 --cluster
 
 bench-tick: $(STAMP)  ## the cost of one strategy scheduler tick, 1M tracked users
 	$(BIN)/python -m bench.bench_tick

@@ -25,7 +25,7 @@ from api.responses import iso_now, json_response
 from engine.errors import PrefetchError, RedisRefused
 from engine.metrics import prometheus
 from engine.store import keys
-from engine.store.fastredis import FastRedis
+from engine.store.client import RedisClient
 from engine.strategies.leader import leader_status
 from engine.strategies.sidecar import scheduler_wanted
 
@@ -71,7 +71,7 @@ def _writable(reply: Any, result: dict[str, Any]) -> None:
         raise reply
 
 
-async def _redis_check(client: FastRedis, db: int, *, memory: bool) -> dict[str, Any]:
+async def _redis_check(client: RedisClient, db: int, *, memory: bool) -> dict[str, Any]:
     """PING latency, writability, key count (DBSIZE) and, for the hot tier, memory use."""
     started = time.perf_counter()
     await client.execute("PING")
@@ -216,7 +216,7 @@ async def health_ca(request: web.Request) -> web.Response:
     return _upstream_response(await _bounded(request.app[RUNTIME].ca.health()))
 
 
-async def _count_entries(client: FastRedis, tier: str) -> dict[str, Any]:
+async def _count_entries(client: RedisClient, tier: str) -> dict[str, Any]:
     """Entries of one tier by SCAN, stopping (and saying so) after SCAN_MAX_STEPS steps."""
     cursor, count, steps = b"0", 0, 0
     while True:
@@ -248,7 +248,7 @@ async def health_cache(request: web.Request) -> web.Response:
     return json_response(body, code)
 
 
-async def _probe(client: FastRedis) -> dict[str, Any]:
+async def _probe(client: RedisClient) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "connected"}
     ping, probe = await client.pipeline(
         [("PING",), ("SET", keys.HEALTH_PROBE, "1", "PX", PROBE_TTL_MS)]

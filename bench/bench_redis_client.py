@@ -1,22 +1,28 @@
-"""Compare engine.store.fastredis.FastRedis with redis.asyncio on GET of a large value.
+"""Compare Redis clients on GET of a large value: FastRedis, redis.asyncio and valkey-glide on
+one node, and (`--cluster`) redis.asyncio's RedisCluster and glide's cluster client on a local
+three-master Redis Cluster started for the run (tests/redis_servers.py).
 
 Each client runs `--concurrency` coroutines that GET the same `--size`-byte key in a loop for
 `--duration` seconds (after a short warm-up), and the script prints throughput and the CPU
-time this process spent per GET (Redis's own CPU is not counted). Nothing is asserted.
+time this process spent per GET, every thread included (glide's Rust core runs in threads of
+this process; Redis's own CPU is not counted). Nothing is asserted.
 
-    .venv/bin/python bench/bench_redis_client.py --loop uvloop --duration 3
+    .venv/bin/python -m bench.bench_redis_client --loop uvloop --duration 3
+    .venv/bin/python -m bench.bench_redis_client --size 9830 --cluster --duration 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -25,6 +31,8 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.store.fastredis import FastRedis
+
+ALL_CLIENTS = "fastredis,redis-py,glide,cluster-redis-py,cluster-glide,cluster-ours"
 
 Get = Callable[[str], Awaitable[object]]
 
@@ -69,10 +77,30 @@ async def _measure(name: str, get: Get, key: str, value: bytes, args: argparse.N
     return Result(name, ops, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-async def _bench(args: argparse.Namespace) -> list[Result]:
+def _glide_address(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+async def _glide(url: str, db: int, *, cluster: bool) -> Any:
+    import glide
+
+    host, port = _glide_address(url)
+    addresses = [glide.NodeAddress(host, port)]
+    if cluster:
+        return await glide.GlideClusterClient.create(
+            glide.GlideClusterClientConfiguration(addresses, request_timeout=5000)
+        )
+    return await glide.GlideClient.create(
+        glide.GlideClientConfiguration(addresses, database_id=db, request_timeout=5000)
+    )
+
+
+async def _single_node(args: argparse.Namespace, results: list[Result]) -> None:
     key = f"bench:fastredis:{os.getpid()}"
     value = os.urandom(args.size)
-    results: list[Result] = []
     fast = await FastRedis.connect(args.url, args.db)
     try:
         await fast.set(key, value, px=600_000)
@@ -84,9 +112,49 @@ async def _bench(args: argparse.Namespace) -> list[Result]:
                 results.append(await _measure("redis.asyncio (pool)", pool.get, key, value, args))
             finally:
                 await pool.aclose()
+        if "glide" in args.clients:
+            client = await _glide(args.url, args.db, cluster=False)
+            try:
+                results.append(await _measure("glide (1 node)", client.get, key, value, args))
+            finally:
+                await client.close()
     finally:
         await fast.delete(key)
         await fast.close()
+
+
+async def _on_cluster(args: argparse.Namespace, url: str, results: list[Result]) -> None:
+    key = f"bench:cluster:{os.getpid()}"
+    value = os.urandom(args.size)
+    seed = redis.asyncio.RedisCluster.from_url(url)
+    try:
+        await seed.set(key, value, px=600_000)
+        if "cluster-redis-py" in args.clients:
+            results.append(await _measure("RedisCluster (redis-py)", seed.get, key, value, args))
+        if "cluster-glide" in args.clients:
+            client = await _glide(url, 0, cluster=True)
+            try:
+                results.append(await _measure("glide cluster", client.get, key, value, args))
+            finally:
+                await client.close()
+        if "cluster-ours" in args.clients:
+            from engine.store.cluster import ClusterRedis
+
+            ours = ClusterRedis(url)
+            try:
+                results.append(await _measure("ClusterRedis (glide)", ours.get, key, value, args))
+            finally:
+                await ours.close()
+        await seed.delete(key)
+    finally:
+        await seed.aclose()
+
+
+async def _bench(args: argparse.Namespace, cluster_url: str | None) -> list[Result]:
+    results: list[Result] = []
+    await _single_node(args, results)
+    if cluster_url is not None:
+        await _on_cluster(args, cluster_url, results)
     return results
 
 
@@ -99,26 +167,33 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per client")
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--clients", default=ALL_CLIENTS, help=f"comma list of {ALL_CLIENTS}")
     parser.add_argument(
-        "--clients", default="fastredis,redis-py", help="comma list: fastredis,redis-py"
+        "--cluster", action="store_true", help="also start a 3-master cluster for cluster-*"
     )
     args = parser.parse_args()
     args.clients = set(args.clients.split(","))
 
     run = uvloop.run if args.loop == "uvloop" else asyncio.run
-    results = run(_bench(args))
+    with contextlib.ExitStack() as stack:
+        cluster_url = None
+        if args.cluster:
+            from tests.redis_servers import LocalCluster
+
+            cluster_url = stack.enter_context(LocalCluster(3)).url
+        results = run(_bench(args, cluster_url))
 
     hiredis_parser = getattr(redis.utils, "HIREDIS_AVAILABLE", "?")
     print(
         f"GET of {args.size} B, concurrency {args.concurrency}, {args.duration:g} s, "
         f"loop {args.loop}, redis-py {redis.__version__} (hiredis parser: {hiredis_parser})"
     )
-    header = f"{'client':<22} {'ops':>9} {'ops/s':>10} {'CPU µs/op':>10} {'CPU %':>6}"
+    header = f"{'client':<24} {'ops':>9} {'ops/s':>10} {'CPU µs/op':>10} {'CPU %':>6}"
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.name:<22} {r.ops:>9} {r.ops_per_s:>10.0f} {r.cpu_us_per_op:>10.1f} "
+            f"{r.name:<24} {r.ops:>9} {r.ops_per_s:>10.0f} {r.cpu_us_per_op:>10.1f} "
             f"{100 * r.cpu / r.wall:>6.0f}"
         )
 

@@ -155,7 +155,7 @@ class HealthPort:
         with _FORK_LOCK:
             try:
                 client = redis.Redis.from_url(
-                    self.settings.redis_url,
+                    self.settings.queue_redis_url,
                     db=self.settings.db_queue,
                     socket_connect_timeout=REDIS_TIMEOUT_S,
                     socket_timeout=REDIS_TIMEOUT_S,

@@ -3,6 +3,11 @@
 The API process and every worker child open a Runtime; nothing here is created at import
 time or shared across processes. Redis connections are lazy, so a process starts (and
 answers health checks) while Redis is down, and reconnects when it is back.
+
+With REDIS_CLUSTER_MODE=true the cache roles (hot, warm, metrics) share one ClusterRedis on
+the Cluster (every key names its tier or role; a Cluster has no DB numbers), and the queue
+role stays on a single node, BROKER_URL's: Dramatiq's scripts and ours touch many queue keys
+at once (engine/store/keys.py says which keys live where).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from engine.metrics.daily import StatsRecorder
 from engine.prefetcher import Prefetcher
 from engine.settings import Settings
 from engine.store.cache import TimelineCache
+from engine.store.client import RedisClient
+from engine.store.cluster import ClusterRedis
 from engine.store.fastredis import FastRedis
 from engine.upstream import CAClient, ServiceTokens, TimelineClient, make_session
 
@@ -29,8 +36,8 @@ class Runtime:
 
     settings: Settings
     # By role: hot, warm, queue, metrics (shared when DBs match), and background: the metrics
-    # DB on a connection of its own for the periodic flushes (see redis_clients).
-    redis: dict[str, FastRedis]
+    # store on a connection of its own for the periodic flushes (see redis_clients).
+    redis: dict[str, RedisClient]
     session: aiohttp.ClientSession
     timeline: TimelineClient
     ca: CAClient
@@ -43,25 +50,43 @@ class Runtime:
     batch_slots: asyncio.Semaphore
 
 
-def redis_clients(settings: Settings) -> dict[str, FastRedis]:
-    """One lazy connection per distinct DB, keyed by role, and one for background flushes.
+def redis_clients(settings: Settings) -> dict[str, RedisClient]:
+    """One lazy client per distinct location, keyed by role (see the module docstring), and
+    one for background flushes.
 
     Replies on a connection come in order, and a command without a reply in time drops the
     connection with everything in flight: a large stats or activity flush sharing the read
     path's socket would delay reads behind it, or fail them with it.
     """
-    by_db: dict[int, FastRedis] = {}
-    roles = {
-        "hot": settings.db_hot,
-        "warm": settings.db_warm,
-        "queue": settings.db_queue,
-        "metrics": settings.db_metrics,
-    }
-    clients = {
+    queue = FastRedis(settings.queue_redis_url, settings.db_queue)
+    if settings.redis_cluster_mode:
+        cluster = ClusterRedis(settings.redis_url)
+        background = ClusterRedis(settings.redis_url)
+        return {
+            "hot": cluster,
+            "warm": cluster,
+            "queue": queue,
+            "metrics": cluster,
+            "background": background,
+        }
+    by_db: dict[int, RedisClient] = {}
+    if not settings.broker_url:
+        by_db[settings.db_queue] = queue
+    roles = {"hot": settings.db_hot, "warm": settings.db_warm, "metrics": settings.db_metrics}
+    clients: dict[str, RedisClient] = {
         role: by_db.setdefault(db, FastRedis(settings.redis_url, db)) for role, db in roles.items()
     }
+    clients["queue"] = queue
     clients["background"] = FastRedis(settings.redis_url, settings.db_metrics)
     return clients
+
+
+def queue_client(redis: dict[str, RedisClient]) -> FastRedis:
+    """The queue role's client, always a single-node FastRedis (see the module docstring)."""
+    client = redis["queue"]
+    if not isinstance(client, FastRedis):
+        raise TypeError("the queue role needs a single-node FastRedis")
+    return client
 
 
 @contextlib.asynccontextmanager
@@ -86,7 +111,7 @@ async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIte
                     cache=cache,
                     stats=stats,
                     prefetcher=Prefetcher(cache, timeline, stats),
-                    jobs=JobQueue(redis["queue"]),
+                    jobs=JobQueue(queue_client(redis)),
                     batch_slots=asyncio.Semaphore(settings.job_concurrency),
                 )
             finally:

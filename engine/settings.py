@@ -37,6 +37,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379"
     redis_configured: bool = False
     redis_cluster_mode: bool = False
+    broker_url: str = ""  # empty: the queue lives in the cache's Redis (REDIS_DB_QUEUE)
     db_hot: int = 0
     db_warm: int = 1
     db_queue: int = 2
@@ -95,6 +96,13 @@ class Settings:
         if self.job_deadline_ms:
             return self.job_deadline_ms / 1000
         return (2 * self.prefetch_timeout_ms + 5_000) / 1000
+
+    @property
+    def queue_redis_url(self) -> str:
+        """The Redis of the queue role (Dramatiq's queues, pending marks, failed list,
+        counters, the scheduler lease): BROKER_URL, else the cache's Redis. Its DB is
+        `db_queue` unless the URL names one."""
+        return self.broker_url or self.redis_url
 
     def ttl_ms(self, tier: str) -> int:
         return self.hot_ttl_ms if tier == "hot" else self.warm_ttl_ms
@@ -174,7 +182,7 @@ def _redis_url(raw: str) -> str:
     # Both clients must accept it: redis-py (Dramatiq's broker) and our FastRedis.
     from redis import ConnectionPool
 
-    from engine.store.fastredis import RedisAddress
+    from engine.store.endpoint import RedisAddress
 
     try:
         ConnectionPool.from_url(value)
@@ -237,6 +245,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
     "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),
     "REDIS_CLUSTER_MODE": ("redis_cluster_mode", _bool),
+    "BROKER_URL": ("broker_url", _redis_url),
     "REDIS_DB_HOT": ("db_hot", _DB),
     "REDIS_DB_WARM": ("db_warm", _DB),
     "REDIS_DB_QUEUE": ("db_queue", _DB),
@@ -333,11 +342,23 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     values.update(_redis_location(env))
     settings = Settings(**values)
     if settings.redis_cluster_mode:
-        raise ConfigError(
-            "REDIS_CLUSTER_MODE=true is not supported yet: expected false "
-            "(keys are cluster-ready, the client is not)"
-        )
+        _check_cluster(settings)
     return settings
+
+
+def _check_cluster(settings: Settings) -> None:
+    """A Cluster holds the cache; the queue needs a single node of its own (Dramatiq's
+    scripts touch keys of many slots), named by BROKER_URL."""
+    if not settings.broker_url:
+        raise ConfigError(
+            "REDIS_CLUSTER_MODE=true needs BROKER_URL: expected the job queue's own "
+            "single-node Redis (redis://host:port/db), which Dramatiq's scripts need"
+        )
+    if urlsplit(settings.redis_url).scheme == "unix":
+        raise ConfigError(
+            "REDIS_CLUSTER_MODE=true needs REDIS_URL=redis:// or rediss:// (a seed node of the "
+            "Cluster), not a unix socket"
+        )
 
 
 def _redis_location(env: Mapping[str, str]) -> dict[str, Any]:

@@ -188,7 +188,7 @@ class Recovery:
                 try:
                     if client is None:
                         client = redis.Redis.from_url(
-                            self._settings.redis_url,
+                            self._settings.queue_redis_url,
                             db=self._settings.db_queue,
                             socket_connect_timeout=2,
                             socket_timeout=5,

@@ -56,7 +56,7 @@ def test_host_port_and_password_build_a_url() -> None:
 def test_a_password_is_quoted_into_the_url(password: str) -> None:
     from redis import ConnectionPool
 
-    from engine.store.fastredis import RedisAddress
+    from engine.store.endpoint import RedisAddress
 
     env = {"REDIS_HOST": "cache", "REDIS_PORT": "6390", "REDIS_PASSWORD": password}
     url = load_settings(env).redis_url
@@ -141,8 +141,8 @@ def test_a_misspelt_prefetch_variable_is_refused() -> None:
         load_settings({"PREFETCH_WORKERCOUNT": "4"})
 
 
-def test_cluster_mode_is_refused_rather_than_ignored() -> None:
-    with pytest.raises(ConfigError, match="REDIS_CLUSTER_MODE"):
+def test_cluster_mode_without_a_queue_node_is_refused_rather_than_ignored() -> None:
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER_MODE=true needs BROKER_URL"):
         load_settings({"REDIS_CLUSTER_MODE": "true"})
 
 

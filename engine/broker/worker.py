@@ -25,7 +25,7 @@ from engine.broker.executor import Executor, Handler
 from engine.broker.jobs import FAILED_KEEP, QUEUES
 from engine.broker.reclaim import Reclaimer
 from engine.process import set_title
-from engine.runtime import open_runtime
+from engine.runtime import open_runtime, queue_client
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def broker_pool(settings: Settings) -> redis.BlockingConnectionPool:
     """
     consumers = 2 * len(QUEUES)
     return redis.BlockingConnectionPool.from_url(
-        settings.redis_url, db=settings.db_queue, max_connections=consumers + 2, timeout=20
+        settings.queue_redis_url, db=settings.db_queue, max_connections=consumers + 2, timeout=20
     )
 
 
@@ -124,7 +124,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         executor = Executor(
             broker,
             worker,
-            runtime.redis["queue"],
+            queue_client(runtime.redis),
             handlers,
             concurrency=settings.job_concurrency,
             failed_keep=FAILED_KEEP,
@@ -132,7 +132,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         broker.emit_after("process_boot")
         worker.start()
         executor.start()
-        reclaimer = Reclaimer(broker_id, runtime.redis["queue"], worker, executor)
+        reclaimer = Reclaimer(broker_id, queue_client(runtime.redis), worker, executor)
         sweeping = asyncio.create_task(reclaimer.run(), name="reclaim-stranded")
         # Everything alive now (modules, the Runtime) lives as long as the process: keep it
         # out of every future collection, which otherwise rescans it while jobs churn objects.

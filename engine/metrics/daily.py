@@ -20,7 +20,7 @@ from engine.broker.jobs import ORIGINS
 from engine.errors import RedisReplyError
 from engine.metrics import prometheus
 from engine.store import keys
-from engine.store.fastredis import FastRedis
+from engine.store.client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _bucket(duration_ms: float) -> str:
 class StatsRecorder:
     """Tallies events in memory; `flush` (and the background loop) moves them to Redis."""
 
-    def __init__(self, redis: FastRedis, retention_days: int, interval_s: float = 1.0) -> None:
+    def __init__(self, redis: RedisClient, retention_days: int, interval_s: float = 1.0) -> None:
         self._redis = redis
         self._retention_s = retention_days * 86_400 + 86_400
         self._interval = interval_s
@@ -121,7 +121,7 @@ class StatsRecorder:
             await self.flush()
 
 
-async def read_day(redis: FastRedis, day: str | None) -> dict[str, Any]:
+async def read_day(redis: RedisClient, day: str | None) -> dict[str, Any]:
     """The seed's metrics shape for one UTC day (None: lifetime), with p50/p95/p99 estimates."""
     key = keys.METRICS_TOTAL if day is None else keys.metrics_day(day)
     raw = await redis.execute("HGETALL", key)

@@ -21,7 +21,8 @@ from isal import igzip, isal_zlib
 
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.fastredis import FastRedis, Script
+from engine.store.client import RedisClient
+from engine.store.fastredis import Script
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Generations outlive any fetch by far; expiring them keeps idle users from costing memory.
@@ -96,8 +97,8 @@ class TimelineCache:
     def __init__(
         self,
         settings: Settings,
-        hot: FastRedis,
-        warm: FastRedis,
+        hot: RedisClient,
+        warm: RedisClient,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._settings = settings

@@ -25,10 +25,9 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self, TypeAlias, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
@@ -39,6 +38,7 @@ from engine.errors import (
     RedisUnavailable,
     redis_reply_error,
 )
+from engine.store.endpoint import RedisAddress
 
 Arg: TypeAlias = bytes | str | int | float
 """A command argument, as hiredis packs it (ints and floats are sent in decimal)."""
@@ -48,13 +48,6 @@ _NOT_ENOUGH_DATA: Final = object()
 # that the processes of a pod do not dial in step.
 RECONNECT_FIRST_S: Final = 0.05
 RECONNECT_MAX_S: Final = 2.0
-_CERT_REQS: Final = {
-    "none": ssl.CERT_NONE,
-    "optional": ssl.CERT_OPTIONAL,
-    "required": ssl.CERT_REQUIRED,
-}
-_TRUE: Final = ("1", "true", "yes", "on", "y")
-_FALSE: Final = ("0", "false", "no", "off", "n")
 # hiredis >= 2.1 packs commands in C; its stub types the argument as a 1-tuple.
 _pack = cast("Callable[[tuple[Arg, ...]], bytes]", hiredis.pack_command)
 
@@ -78,94 +71,6 @@ class Script:
     def load(cls, module_file: str, name: str) -> Script:
         """The script in the `.lua` file `name` beside the module `module_file` (its __file__)."""
         return cls((Path(module_file).parent / name).read_text(encoding="utf-8"))
-
-
-@dataclass(frozen=True, slots=True)
-class TLSOptions:
-    """The TLS options of a rediss:// URL, with redis-py's names and defaults."""
-
-    cert_reqs: str = "required"  # none | optional | required
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    check_hostname: bool | None = None  # None: check when certificates are required
-
-    @classmethod
-    def parse(cls, query: dict[str, list[str]]) -> TLSOptions:
-        """The options of a URL query; raises ConfigError on an unknown value or a missing file."""
-        raw = {name: values[-1] for name, values in query.items()}
-        cert_reqs = raw.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
-        if cert_reqs not in _CERT_REQS:
-            raise ConfigError("ssl_cert_reqs must be none, optional or required")
-        check: bool | None = None
-        if "ssl_check_hostname" in raw:
-            flag = raw["ssl_check_hostname"].lower()
-            if flag not in _TRUE + _FALSE:
-                raise ConfigError("ssl_check_hostname must be true or false")
-            check = flag in _TRUE
-        files = {
-            name: raw.get(f"ssl_{name}") or None for name in ("ca_certs", "certfile", "keyfile")
-        }
-        for name, path in files.items():
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"ssl_{name}: no such file {path}")
-        return cls(cert_reqs, files["ca_certs"], files["certfile"], files["keyfile"], check)
-
-    def context(self) -> ssl.SSLContext:
-        """A client context: the system's CAs (or `ca_certs`), our certificate if given."""
-        context = ssl.create_default_context(cafile=self.ca_certs)
-        mode = _CERT_REQS[self.cert_reqs]
-        check = self.check_hostname if self.check_hostname is not None else mode != ssl.CERT_NONE
-        context.check_hostname = check and mode != ssl.CERT_NONE
-        context.verify_mode = mode
-        if self.certfile is not None:
-            context.load_cert_chain(self.certfile, self.keyfile)
-        return context
-
-
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    """Where and how to connect, as parsed from a redis://, rediss:// or unix:// URL."""
-
-    host: str  # empty for a unix socket
-    port: int
-    path: str | None  # the unix socket
-    username: str | None
-    password: str | None
-    db: int
-    tls: bool
-    tls_options: TLSOptions = TLSOptions()
-
-    @classmethod
-    def parse(cls, url: str, db: int = 0) -> RedisAddress:
-        """Parse `url`; a db in the URL (`?db=` first, then the path) wins over `db`."""
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        raw_db = query.get("db", [None])[0]
-        password = unquote(parts.password) if parts.password is not None else None
-        user = unquote(parts.username) if parts.username else None
-        try:
-            if parts.scheme == "unix" and parts.path:
-                addr = cls("", 0, parts.path, user, password, db, False)
-            elif parts.scheme in ("redis", "rediss"):
-                raw_db = raw_db or parts.path.strip("/") or None
-                host, port = parts.hostname or "127.0.0.1", parts.port or 6379
-                tls = parts.scheme == "rediss"
-                options = TLSOptions.parse(query) if tls else TLSOptions()
-                addr = cls(host, port, None, user, password, db, tls, options)
-            else:
-                raise ConfigError(f"unsupported Redis URL {parts.scheme}://{parts.hostname}...")
-            if raw_db is not None:
-                addr = replace(addr, db=int(raw_db))
-        except ValueError as exc:
-            raise ConfigError(f"malformed Redis URL: {exc}") from None
-        if addr.db < 0:
-            raise ConfigError(f"Redis db must be >= 0, got {addr.db}")
-        return addr
-
-    def __str__(self) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        return f"unix://{self.path}" if self.path else f"{scheme}://{self.host}:{self.port}"
 
 
 @dataclass(slots=True)

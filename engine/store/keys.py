@@ -9,6 +9,24 @@ per-shard indexes that cover that user (the strategies' expiry and activity inde
 script can then write an entry and its index entry in one atomic step on a single Redis and on
 a Cluster alike, and no cross-user index sits on one hot slot. SHARDS is part of the layout:
 changing it orphans every key written before (a cache: they expire).
+
+Where keys live, and which scripts touch several (REDIS_CLUSTER_MODE=true puts the first
+group on a Redis Cluster, where a script's keys must share one slot):
+
+- On the Cluster (roles hot, warm, metrics), every multi-key script within one `{s<n>}` slot:
+  guarded_set.lua and invalidate.lua (a user's entry and generation, its shard's expiry and
+  unread indexes), consume.lua and sweep.lua (one tier's indexes of one shard), record.lua,
+  select_active.lua and predict_due.lua (one shard's activity, frequency, profile and
+  predictive indexes). Everything else there is a one-key command, in pipelines that the
+  cluster client splits by node.
+- On one slot knowingly: `metrics:day:<date>` and `metrics:total`, one small hash each,
+  written by HINCRBY once a second per process and read by the metrics route: a few hundred
+  commands a second even for a large fleet, far below one node's capacity, and a per-day
+  total would otherwise need a fan-out read.
+- On the queue's single node (BROKER_URL), never on the Cluster: Dramatiq's layout, pending
+  marks, the failed list and counters, the strategy claims and the scheduler lease. The
+  enqueue, settle and retry scripts (engine/broker/*.lua) combine a user's pending mark or the
+  lease's fence with the queues' keys, and Dramatiq's own scripts span every queue.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.fastredis import FastRedis, Script
+from engine.store.client import RedisClient
+from engine.store.fastredis import Script
 from engine.strategies.shards import by_shard, commands, eval_many, load_with
 
 _SELECT = Script.load(__file__, "select_active.lua")
@@ -51,7 +52,7 @@ class ActivityStrategy:
 
     origin = "activity"
 
-    def __init__(self, settings: Settings, metrics: FastRedis) -> None:
+    def __init__(self, settings: Settings, metrics: RedisClient) -> None:
         self._settings = settings
         self._metrics = metrics
 
@@ -80,7 +81,7 @@ class ActivityStrategy:
 
 
 async def record_activity(
-    metrics: FastRedis, settings: Settings, users: Iterable[str], now_ms: int
+    metrics: RedisClient, settings: Settings, users: Iterable[str], now_ms: int
 ) -> int:
     """Record users as active at `now_ms` (one script per shard, one round trip).
 
@@ -109,7 +110,7 @@ async def record_activity(
     return sum(int(reply) for reply in await eval_many(metrics, _RECORD, calls))
 
 
-async def active_since(metrics: FastRedis, users: list[str], since_ms: int) -> list[bool]:
+async def active_since(metrics: RedisClient, users: list[str], since_ms: int) -> list[bool]:
     """For each user: was it active at or after `since_ms`? One pipelined round trip."""
     if not users:
         return []

@@ -23,7 +23,8 @@ from typing import Any
 
 from engine.broker.jobs import Fence
 from engine.store import keys
-from engine.store.fastredis import FastRedis, Script
+from engine.store.client import RedisClient
+from engine.store.fastredis import Script
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Lease:
 
     def __init__(
         self,
-        redis: FastRedis,
+        redis: RedisClient,
         ttl_ms: int,
         identity: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -157,7 +158,7 @@ class Lease:
                 log.warning("scheduler lease not released: %r", exc)
 
 
-async def leader_status(queue: FastRedis) -> dict[str, Any]:
+async def leader_status(queue: RedisClient) -> dict[str, Any]:
     """Who leads (from the lease) and the last tick's report, for /health and the stats."""
     lease, ttl, status = await queue.pipeline(
         [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.fastredis import FastRedis
+from engine.store.client import RedisClient
 from engine.strategies.activity import Candidate
 from engine.strategies.shards import eval_many, load_with
 
@@ -32,7 +32,7 @@ class PredictiveStrategy:
 
     origin = "predictive"
 
-    def __init__(self, settings: Settings, metrics: FastRedis) -> None:
+    def __init__(self, settings: Settings, metrics: RedisClient) -> None:
         self._settings = settings
         self._metrics = metrics
 

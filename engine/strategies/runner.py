@@ -15,7 +15,7 @@ import time
 
 from engine.broker.jobs import JobQueue
 from engine.metrics.daily import StatsRecorder
-from engine.runtime import redis_clients
+from engine.runtime import queue_client, redis_clients
 from engine.settings import Settings
 from engine.store.cache import wall_clock_ms
 from engine.strategies.leader import Lease
@@ -32,7 +32,7 @@ async def run_scheduler(
     stats = StatsRecorder(redis["metrics"], settings.metrics_retention_days)
     stats.start()
     lease = Lease(redis["queue"], settings.scheduler_lease_ttl_ms, identity)
-    scheduler = Scheduler(settings, redis, JobQueue(redis["queue"]), stats)
+    scheduler = Scheduler(settings, redis, JobQueue(queue_client(redis)), stats)
     keeper = asyncio.create_task(lease.keep(stop), name="scheduler-lease")
     interval = settings.activity_check_interval_ms / 1000
     poll = min(interval, settings.scheduler_lease_ttl_ms / 4000)

@@ -33,7 +33,7 @@ from engine.metrics import prometheus
 from engine.metrics.daily import StatsRecorder
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.fastredis import FastRedis
+from engine.store.client import RedisClient
 from engine.strategies import usefulness
 from engine.strategies.activity import ActivityStrategy, Candidate
 from engine.strategies.predictive import PredictiveStrategy
@@ -91,7 +91,7 @@ class TickReport:
         return out
 
 
-def strategies_for(settings: Settings, metrics: FastRedis) -> list[Strategy]:
+def strategies_for(settings: Settings, metrics: RedisClient) -> list[Strategy]:
     """The strategies the settings enable, in precedence order."""
     chosen: list[Strategy] = []
     if settings.enable_activity_based:
@@ -107,7 +107,7 @@ class Scheduler:
     def __init__(
         self,
         settings: Settings,
-        redis: Mapping[str, FastRedis],
+        redis: Mapping[str, RedisClient],
         jobs: JobQueue,
         stats: StatsRecorder | None = None,
         strategies: Sequence[Strategy] | None = None,

@@ -14,7 +14,8 @@ from typing import Any
 
 from engine.errors import RedisReplyError
 from engine.store import keys
-from engine.store.fastredis import Arg, FastRedis, Script
+from engine.store.client import RedisClient
+from engine.store.fastredis import Arg, Script
 
 
 def load_with(module_file: str, library: str, name: str) -> Script:
@@ -33,7 +34,7 @@ def by_shard(users: Iterable[str]) -> dict[int, list[str]]:
 
 
 async def eval_many(
-    redis: FastRedis, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+    redis: RedisClient, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
 ) -> list[Any]:
     """Run `script` once per (keys, args) call, all in one pipeline; the replies in order.
 
@@ -58,7 +59,7 @@ async def eval_many(
     return replies
 
 
-async def commands(redis: FastRedis, batch: Sequence[Sequence[Arg]]) -> list[Any]:
+async def commands(redis: RedisClient, batch: Sequence[Sequence[Arg]]) -> list[Any]:
     """Send plain commands in one pipeline; raise the first error reply."""
     replies = await redis.pipeline(batch)
     for reply in replies:

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 
 from engine.metrics.daily import StatsRecorder
 from engine.store import keys
-from engine.store.fastredis import FastRedis, Script
+from engine.store.client import RedisClient
+from engine.store.fastredis import Script
 from engine.strategies.shards import by_shard, eval_many
 
 _SWEEP = Script.load(__file__, "sweep.lua")
@@ -31,7 +32,7 @@ SWEEP_LIMIT = 1_000
 
 
 async def count_reads(
-    redis: Mapping[str, FastRedis], served: Mapping[str, set[str]], stats: StatsRecorder
+    redis: Mapping[str, RedisClient], served: Mapping[str, set[str]], stats: StatsRecorder
 ) -> int:
     """Clear the unread marks of entries that reads served (`served`: tier -> users) and
     count them as read by the origin that prefetched them. Returns how many were."""
@@ -55,7 +56,7 @@ async def count_reads(
     return total
 
 
-async def sweep(redis: Mapping[str, FastRedis], now_ms: int, stats: StatsRecorder | None) -> int:
+async def sweep(redis: Mapping[str, RedisClient], now_ms: int, stats: StatsRecorder | None) -> int:
     """Trim passed expiry-index members and settle the unread marks of expired entries as
     wasted (counted in `stats`). Returns how many were wasted."""
     origins: Counter[str] = Counter()
