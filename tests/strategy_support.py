@@ -9,9 +9,9 @@ from typing import Any
 import dramatiq
 
 from engine import wire
+from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import QUEUES
 from engine.settings import Settings
-from engine.store import keys
 from engine.store.cache import Stored, TimelineCache
 from engine.store.fastredis import FastRedis
 from sandbox.timeline import generate_posts
@@ -37,7 +37,7 @@ async def queued_batches(queue: FastRedis) -> list[Queued]:
     """Every message waiting on the priority queues, decoded."""
     out: list[Queued] = []
     for name in QUEUES.values():
-        for raw in await queue.execute("HVALS", keys.queue_list(name) + ".msgs"):
+        for raw in await queue.execute("HVALS", layout.messages_key(name)):
             message: dramatiq.Message[Any] = dramatiq.Message.decode(raw)
             users = message.args[0]
             out.append(

@@ -34,10 +34,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.broker.jobs import QUEUES  # noqa: E402 - after the path is set
+from engine.broker import dramatiq_layout as layout  # noqa: E402 - after the path is set
+from engine.broker.jobs import QUEUES  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from engine.settings import load_settings  # noqa: E402
-from engine.store import keys  # noqa: E402
 
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
 KEDA_DIR = HERE / "keda"
@@ -197,7 +197,7 @@ def rule_problems(docs: list[tuple[str, Doc]], kustomization: Doc, files: list[s
         if doc["spec"]["scaleTargetRef"]["name"] not in deployments:
             problems.append(f"hpa {doc['metadata']['name']}: targets no Deployment")
 
-    queue_lists = {keys.queue_list(queue) for queue in QUEUES.values()}
+    queue_lists = {layout.queue_key(queue) for queue in QUEUES.values()}
     for doc in by_kind(docs, "ScaledObject"):
         name = doc["metadata"]["name"]
         if doc["spec"]["scaleTargetRef"]["name"] not in deployments:

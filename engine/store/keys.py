@@ -54,7 +54,8 @@ def _user(user_id: str) -> str:
     return f"{shard_tag(shard_of(user_id))}:{user_id}"
 
 
-# Dramatiq's RedisBroker namespace: its keys become `prefetch:queue:<queue>`, `...msgs`, etc.
+# Dramatiq's RedisBroker namespace. Its keys (`prefetch:queue:<queue>`, `...msgs`, acks, ...) are
+# Dramatiq's layout, named only in engine/broker/dramatiq_layout.py.
 QUEUE_NAMESPACE = f"{PREFIX}:queue"
 
 
@@ -81,16 +82,6 @@ def pending_job(user_id: str) -> str:
 FAILED_JOBS = f"{PREFIX}:jobs:failed"  # list of encoded FailedJob, newest first, at most 50
 JOBS_COMPLETED = f"{PREFIX}:jobs:completed_total"  # lifetime counter
 JOBS_FAILED = f"{PREFIX}:jobs:failed_total"  # lifetime counter
-
-
-def queue_list(queue_name: str) -> str:
-    """Dramatiq's list of waiting message ids for a queue (see dramatiq/brokers/redis)."""
-    return f"{QUEUE_NAMESPACE}:{queue_name}"
-
-
-def queue_acks_pattern() -> str:
-    """Dramatiq's per-worker sets of fetched-but-unacked message ids."""
-    return f"{QUEUE_NAMESPACE}:__acks__.*"
 
 
 # --- strategy indexes (engine/strategies): one key per shard, tagged like its users ---------
