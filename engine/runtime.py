@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue
 from engine.metrics.daily import StatsRecorder
 from engine.prefetcher import Prefetcher
@@ -42,17 +43,21 @@ class Runtime:
 
 
 def redis_clients(settings: Settings) -> dict[str, FastRedis]:
-    """One lazy connection per distinct DB, keyed by role."""
-    by_db: dict[int, FastRedis] = {}
+    """One lazy connection per distinct server and DB, keyed by role (the queue role is on
+    BROKER_URL's Redis when it names one)."""
+    by_db: dict[tuple[str, int], FastRedis] = {}
     roles = {
-        "hot": settings.db_hot,
-        "warm": settings.db_warm,
-        "queue": settings.db_queue,
-        "metrics": settings.db_metrics,
+        "hot": (settings.redis_url, settings.db_hot),
+        "warm": (settings.redis_url, settings.db_warm),
+        "queue": (settings.queue_redis_url, settings.db_queue),
+        "metrics": (settings.redis_url, settings.db_metrics),
     }
-    return {
-        role: by_db.setdefault(db, FastRedis(settings.redis_url, db)) for role, db in roles.items()
-    }
+    clients: dict[str, FastRedis] = {}
+    for role, where in roles.items():
+        if where not in by_db:
+            by_db[where] = FastRedis(*where)
+        clients[role] = by_db[where]
+    return clients
 
 
 @contextlib.asynccontextmanager
@@ -68,18 +73,22 @@ async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIte
             stats = StatsRecorder(redis["metrics"], settings.metrics_retention_days)
             stats.start()
             try:
-                yield Runtime(
-                    settings=settings,
-                    redis=redis,
-                    session=session,
-                    timeline=timeline,
-                    ca=CAClient(settings, session),
-                    cache=cache,
-                    stats=stats,
-                    prefetcher=Prefetcher(cache, timeline, stats),
-                    jobs=JobQueue(redis["queue"]),
-                    batch_slots=asyncio.Semaphore(settings.job_concurrency),
-                )
+                jobs = open_job_queue(settings, redis["queue"])
+                try:
+                    yield Runtime(
+                        settings=settings,
+                        redis=redis,
+                        session=session,
+                        timeline=timeline,
+                        ca=CAClient(settings, session),
+                        cache=cache,
+                        stats=stats,
+                        prefetcher=Prefetcher(cache, timeline, stats),
+                        jobs=jobs,
+                        batch_slots=asyncio.Semaphore(settings.job_concurrency),
+                    )
+                finally:
+                    await jobs.close()
             finally:
                 await stats.stop()
         finally:

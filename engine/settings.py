@@ -32,6 +32,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379"
     redis_configured: bool = False
     redis_cluster_mode: bool = False
+    broker_url: str = ""  # empty: the queue lives in the cache's Redis (REDIS_DB_QUEUE)
+    broker_queue_type: str = "quorum"
+    broker_rehold_ms: int = 900_000
     db_hot: int = 0
     db_warm: int = 1
     db_queue: int = 2
@@ -81,6 +84,20 @@ class Settings:
     @property
     def warm_ttl_s(self) -> int:
         return max(1, self.warm_ttl_ms // 1000)
+
+    @property
+    def broker_kind(self) -> str:
+        """`rabbitmq` for an amqp:// or amqps:// BROKER_URL, else `redis`."""
+        return "rabbitmq" if self.broker_url.startswith(("amqp://", "amqps://")) else "redis"
+
+    @property
+    def queue_redis_url(self) -> str:
+        """The Redis of the queue role (pending marks, failed list, counters, the scheduler
+        lease): a Redis BROKER_URL, else the cache's Redis. Its DB is `db_queue` unless the
+        URL names one."""
+        if self.broker_url and self.broker_kind == "redis":
+            return self.broker_url
+        return self.redis_url
 
     def ttl_ms(self, tier: str) -> int:
         return self.hot_ttl_ms if tier == "hot" else self.warm_ttl_ms
@@ -172,6 +189,22 @@ def _redis_url(raw: str) -> str:
     return value
 
 
+def _broker_url(raw: str) -> str:
+    value = raw.strip()
+    scheme = urlsplit(value).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return _redis_url(value)
+    if scheme not in ("amqp", "amqps"):
+        raise ValueError("a redis://, rediss://, unix://, amqp:// or amqps:// URL")
+    import pika  # Dramatiq's RabbitMQ broker parses it with pika: refuse what pika refuses
+
+    try:
+        pika.URLParameters(value)
+    except Exception as exc:
+        raise ValueError(f"an amqp:// or amqps:// URL whose options parse ({exc})") from None
+    return value
+
+
 def _text(raw: str) -> str:
     return raw.strip()
 
@@ -219,6 +252,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
     "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),
     "REDIS_CLUSTER_MODE": ("redis_cluster_mode", _bool),
+    "BROKER_URL": ("broker_url", _broker_url),
+    "BROKER_QUEUE_TYPE": ("broker_queue_type", _choice("quorum", "classic")),
+    "BROKER_REHOLD_MS": ("broker_rehold_ms", _int(100, 86_400_000)),
     "REDIS_DB_HOT": ("db_hot", _DB),
     "REDIS_DB_WARM": ("db_warm", _DB),
     "REDIS_DB_QUEUE": ("db_queue", _DB),

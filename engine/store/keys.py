@@ -60,6 +60,14 @@ def pending_job(user_id: str) -> str:
     return f"{PREFIX}:jobs:pending:{_user(user_id)}"
 
 
+def settled_job(message_id: str, attempt: int) -> str:
+    """Set once the outcome of one delivery of a RabbitMQ message is written (kept briefly):
+    a redelivery after a lost ack finds it and is acknowledged without running again."""
+    return f"{PREFIX}:jobs:settled:{message_id}:{attempt}"
+
+
+# Hash broker id -> what that RabbitMQ worker holds unacknowledged (engine/broker/rabbit_broker).
+QUEUE_GAUGES = f"{PREFIX}:jobs:workers"
 FAILED_JOBS = f"{PREFIX}:jobs:failed"  # list of encoded FailedJob, newest first, at most 50
 JOBS_COMPLETED = f"{PREFIX}:jobs:completed_total"  # lifetime counter
 JOBS_FAILED = f"{PREFIX}:jobs:failed_total"  # lifetime counter
