@@ -91,9 +91,9 @@ def replaced(supervisor: EngineProcess, index: int, old: int) -> int | None:
 
 @pytest.mark.timeout(150)
 async def test_a_redis_crash_loses_no_accepted_job_and_leaves_no_stale_dedup(
-    tmp_path: Path, aof_redis: PrivateRedis
+    tmp_path: Path, aof_redis: PrivateRedis, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, aof_redis.url) as engine:
+    async with Engine.open(tmp_path, aof_redis.url, broker_url) as engine:
         await engine.start_sandbox(latency_ms=150)
         supervisor = await engine.start_worker(
             PREFETCH_JOB_CONCURRENCY="20", PREFETCH_BACKOFF_MS="300"
@@ -125,9 +125,9 @@ async def test_a_redis_crash_loses_no_accepted_job_and_leaves_no_stale_dedup(
 
 @pytest.mark.timeout(120)
 async def test_redis_refusing_writes_delays_jobs_loses_none_and_kills_no_consumer(
-    tmp_path: Path, plain_redis: PrivateRedis
+    tmp_path: Path, plain_redis: PrivateRedis, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, plain_redis.url) as engine:
+    async with Engine.open(tmp_path, plain_redis.url, broker_url) as engine:
         await engine.start_sandbox(latency_ms=200)
         supervisor = await engine.start_worker(PREFETCH_JOB_CONCURRENCY="10")
         workers = supervisor.workers()
@@ -160,9 +160,9 @@ async def test_redis_refusing_writes_delays_jobs_loses_none_and_kills_no_consume
 
 @pytest.mark.timeout(120)
 async def test_a_worker_is_replaced_while_redis_is_frozen_and_its_jobs_come_back_later(
-    tmp_path: Path, plain_redis: PrivateRedis
+    tmp_path: Path, plain_redis: PrivateRedis, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, plain_redis.url) as engine:
+    async with Engine.open(tmp_path, plain_redis.url, broker_url) as engine:
         await engine.start_sandbox(latency_ms=1_500)
         supervisor = await engine.start_worker(
             PREFETCH_WORKER_COUNT="1", PREFETCH_JOB_CONCURRENCY="5"
@@ -187,10 +187,12 @@ async def test_a_worker_is_replaced_while_redis_is_frozen_and_its_jobs_come_back
 
 
 async def test_a_worker_whose_consumer_thread_died_exits_to_be_replaced(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, redis_url):
-        settings = Settings().with_overrides(redis_url=redis_url, db_queue=DB_QUEUE)
+    async with Engine.open(tmp_path, redis_url, broker_url):
+        settings = Settings().with_overrides(
+            redis_url=redis_url, db_queue=DB_QUEUE, broker_url=broker_url
+        )
         broker, _, _ = make_broker(settings, f"test:{os.getpid()}:1:1")
         worker = make_worker(settings, broker)
         worker.start()
