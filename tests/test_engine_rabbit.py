@@ -45,6 +45,7 @@ class StallingProxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
+        self.refusing = False  # close every new connection at once (a broker that is down)
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.server: asyncio.Server | None = None
@@ -57,6 +58,9 @@ class StallingProxy:
         return port
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.writers += (writer, up_writer)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
@@ -180,6 +184,47 @@ async def test_lost_broker_connections_lose_no_job_and_count_each_once(engine: E
         assert unexpected == []
     finally:
         await proxy.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_workers_started_while_the_broker_is_down_wait_for_it_then_serve(
+    engine: Engine,
+) -> None:
+    parts = urlsplit(engine.broker_url)
+    proxy = StallingProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    proxy.refusing = True
+    port = await proxy.start()
+    try:
+        supervisor = await engine.start_worker(
+            ready=False, BROKER_URL=through(port, engine.broker_url)
+        )
+        await wait_for(lambda: len(supervisor.workers()) == 2, 20, "two workers")
+        workers = supervisor.workers()
+        # Degraded but alive: no worker exits (no crash loop), none claims to consume.
+        await holds_for(
+            lambda: _both(supervisor.workers() == workers, _not_ready(engine, supervisor)),
+            3.0,
+            "the workers waiting for the broker",
+        )
+        proxy.refusing = False
+        await engine.wait_ready(supervisor, 2, timeout=30)
+        uid = user()
+        await engine.jobs.schedule(uid, "high")
+        await wait_for(lambda: engine.count_cached("hot", [uid]), 15, "a job once it is back")
+        assert supervisor.workers() == workers
+        log = supervisor.log()
+        # Each consumer retries every second; it says so at most every few seconds.
+        assert 0 < log.count("Consumer encountered a connection error") <= 2 * 6 * 2
+    finally:
+        await proxy.stop()
+
+
+async def _not_ready(engine: Engine, supervisor: object) -> bool:
+    return not await engine.consuming(supervisor)  # type: ignore[arg-type]
+
+
+async def _both(first: bool, second: object) -> bool:
+    return first and bool(await second)  # type: ignore[misc]
 
 
 async def _completed_at_least(engine: Engine, count: int) -> bool:

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 PUBLISH_THREADS = 8
 # A worker's gauge older than this is ignored by the stats (its process is gone or stuck).
 GAUGE_STALE_MS = 10_000
+# A consumer that cannot reach RabbitMQ says so at most this often (it retries each second).
+WARN_EVERY_S = 5.0
 
 
 class PrefetchRabbitBroker(RabbitmqBroker):
@@ -237,6 +239,7 @@ class RabbitConsumer(ConsumerThread):
 
     def __init__(self, *, rehold_ms: int, **options: Any) -> None:
         super().__init__(**options)
+        self.logger.addFilter(_OncePer(WARN_EVERY_S))
         self.rehold_ms = rehold_ms
         self._received: dict[int, float] = {}  # delivery tag -> when it was received
         self._next_check = 0.0
@@ -273,3 +276,25 @@ class RabbitConsumer(ConsumerThread):
                 handed,
                 self.rehold_ms,
             )
+
+
+class _OncePer(logging.Filter):
+    """Lets a consumer thread's connection errors through at most once per period: Dramatiq
+    logs one (CRITICAL) and a restart line each second while the broker is away."""
+
+    def __init__(self, period_s: float) -> None:
+        super().__init__()
+        self.period_s = period_s
+        self._last = -period_s
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if not message.startswith(("Consumer encountered a connection error", "Restarting")):
+            return True
+        now = time.monotonic()
+        if message.startswith("Restarting"):
+            return now - self._last < 0.1  # only the one after a reported error
+        if now - self._last < self.period_s:
+            return False
+        self._last = now
+        return True
