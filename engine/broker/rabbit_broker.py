@@ -85,6 +85,13 @@ class PrefetchRabbitBroker(RabbitmqBroker):
         recording.messages.append(outgoing)
         return message
 
+    def close(self) -> None:
+        # A connection the broker already dropped (an idle publisher thread's, past its
+        # heartbeats) makes pika log an ERROR when closed again: leave those out.
+        self.channels = {c for c in self.channels if c.is_open}
+        self.connections = {c for c in self.connections if c.is_open}
+        super().close()
+
     def publish(self, message: dramatiq.Message[Any], delay: int | None) -> None:
         """Dramatiq's enqueue, never recorded: returns once the broker confirmed it."""
         RabbitmqBroker.enqueue(self, message, delay=delay)

@@ -26,8 +26,6 @@ import time
 import uuid
 from typing import Any
 
-from dramatiq.common import dq_name, xq_name
-
 from engine.broker import rabbit_broker
 from engine.broker.jobs import (
     PRIORITY_RANK,
@@ -162,7 +160,7 @@ class RabbitJobQueue(JobQueue):
         """Ready counts from the broker (passive declares), what the workers hold from their
         gauges (written with every settle and each second), the counters from Redis."""
         queues = list(QUEUES.values())
-        names = [n for q in queues for n in (q, dq_name(q), xq_name(q))]
+        names = rabbit_broker.all_queues(queues)
         ready, replies = await asyncio.gather(
             self._publisher.ready_counts(names, STATS_TIMEOUT_S),
             self._redis.pipeline(
