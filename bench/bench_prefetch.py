@@ -65,6 +65,7 @@ from bench.common import (
     wait_http,
 )
 from engine import wire
+from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue
 from engine.settings import Settings
 from engine.store import keys
@@ -257,8 +258,15 @@ async def drive(
     try:
         done0, _, failed0 = await progress.read()
         schedule = schedule_fn(args, api_base)
+        # BROKER_URL (also passed to the workers) puts the queue on RabbitMQ or another Redis.
+        jobs = open_job_queue(
+            Settings().with_overrides(broker_url=os.environ.get("BROKER_URL", "")), queue_redis
+        )
         started = time.perf_counter()
-        await schedule(JobQueue(queue_redis), users)
+        try:
+            await schedule(jobs, users)
+        finally:
+            await jobs.close()
         scheduled = time.perf_counter()
         schedule_s = scheduled - started
         if release is not None:

@@ -171,6 +171,17 @@ class RedisUnavailable(PrefetchError):
     public = "Redis is unavailable"
 
 
+class BrokerUnavailable(PrefetchError):
+    """The message broker cannot be reached, or did not confirm a message in time."""
+
+    status = 503
+    code = "QUEUE_UNAVAILABLE"
+
+
+class BrokerTimeout(BrokerUnavailable):
+    """The message broker did not confirm a message in time: it may still land."""
+
+
 class RedisReplyError(PrefetchError):
     """Redis answered a command with an error reply (WRONGTYPE, NOSCRIPT, ...)."""
 

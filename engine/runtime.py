@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue
 from engine.metrics.daily import StatsRecorder
 from engine.prefetcher import Prefetcher
@@ -60,17 +61,18 @@ def redis_clients(settings: Settings) -> dict[str, RedisClient]:
     """
     queue = FastRedis(settings.queue_redis_url, settings.db_queue)
     if settings.redis_cluster_mode:
+        # One client for every role: glide multiplexes, and a request that times out fails
+        # alone (not everything in flight, as on a FastRedis socket): no background twin.
         cluster = ClusterRedis(settings.redis_url)
-        background = ClusterRedis(settings.redis_url)
         return {
             "hot": cluster,
             "warm": cluster,
             "queue": queue,
             "metrics": cluster,
-            "background": background,
+            "background": cluster,
         }
     by_db: dict[int, RedisClient] = {}
-    if not settings.broker_url:
+    if settings.queue_redis_url == settings.redis_url:
         by_db[settings.db_queue] = queue
     roles = {"hot": settings.db_hot, "warm": settings.db_warm, "metrics": settings.db_metrics}
     clients: dict[str, RedisClient] = {
@@ -102,18 +104,22 @@ async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIte
             stats = StatsRecorder(redis["background"], settings.metrics_retention_days)
             stats.start()
             try:
-                yield Runtime(
-                    settings=settings,
-                    redis=redis,
-                    session=session,
-                    timeline=timeline,
-                    ca=CAClient(settings, session),
-                    cache=cache,
-                    stats=stats,
-                    prefetcher=Prefetcher(cache, timeline, stats),
-                    jobs=JobQueue(queue_client(redis)),
-                    batch_slots=asyncio.Semaphore(settings.job_concurrency),
-                )
+                jobs = open_job_queue(settings, queue_client(redis))
+                try:
+                    yield Runtime(
+                        settings=settings,
+                        redis=redis,
+                        session=session,
+                        timeline=timeline,
+                        ca=CAClient(settings, session),
+                        cache=cache,
+                        stats=stats,
+                        prefetcher=Prefetcher(cache, timeline, stats),
+                        jobs=jobs,
+                        batch_slots=asyncio.Semaphore(settings.job_concurrency),
+                    )
+                finally:
+                    await jobs.close()
             finally:
                 await stats.stop()
         finally:

@@ -38,6 +38,8 @@ class Settings:
     redis_configured: bool = False
     redis_cluster_mode: bool = False
     broker_url: str = ""  # empty: the queue lives in the cache's Redis (REDIS_DB_QUEUE)
+    broker_queue_type: str = "quorum"
+    broker_rehold_ms: int = 900_000
     db_hot: int = 0
     db_warm: int = 1
     db_queue: int = 2
@@ -98,11 +100,18 @@ class Settings:
         return (2 * self.prefetch_timeout_ms + 5_000) / 1000
 
     @property
+    def broker_kind(self) -> str:
+        """`rabbitmq` for an amqp:// or amqps:// BROKER_URL, else `redis`."""
+        return "rabbitmq" if self.broker_url.startswith(("amqp://", "amqps://")) else "redis"
+
+    @property
     def queue_redis_url(self) -> str:
-        """The Redis of the queue role (Dramatiq's queues, pending marks, failed list,
-        counters, the scheduler lease): BROKER_URL, else the cache's Redis. Its DB is
-        `db_queue` unless the URL names one."""
-        return self.broker_url or self.redis_url
+        """The Redis of the queue role (pending marks, failed list, counters, the scheduler
+        lease): a Redis BROKER_URL, else the cache's Redis. Its DB is `db_queue` unless the
+        URL names one."""
+        if self.broker_url and self.broker_kind == "redis":
+            return self.broker_url
+        return self.redis_url
 
     def ttl_ms(self, tier: str) -> int:
         return self.hot_ttl_ms if tier == "hot" else self.warm_ttl_ms
@@ -194,6 +203,26 @@ def _redis_url(raw: str) -> str:
     return value
 
 
+def _broker_url(raw: str) -> str:
+    value = raw.strip()
+    scheme = urlsplit(value).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return _redis_url(value)
+    if scheme not in ("amqp", "amqps"):
+        raise ValueError("a redis://, rediss://, unix://, amqp:// or amqps:// URL")
+    parts = urlsplit(value)
+    if parts.username is not None and parts.password is None:
+        # pika fails on it with a TypeError that would name nothing useful.
+        raise ValueError("an amqp:// URL with both user and password (amqp://user:pass@host/vhost)")
+    import pika  # Dramatiq's RabbitMQ broker parses it with pika: refuse what pika refuses
+
+    try:
+        pika.URLParameters(value)
+    except Exception as exc:
+        raise ValueError(f"an amqp:// or amqps:// URL whose options parse ({exc})") from None
+    return value
+
+
 def _text(raw: str) -> str:
     return raw.strip()
 
@@ -245,7 +274,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
     "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),
     "REDIS_CLUSTER_MODE": ("redis_cluster_mode", _bool),
-    "BROKER_URL": ("broker_url", _redis_url),
+    "BROKER_URL": ("broker_url", _broker_url),
+    "BROKER_QUEUE_TYPE": ("broker_queue_type", _choice("quorum", "classic")),
+    "BROKER_REHOLD_MS": ("broker_rehold_ms", _int(100, 86_400_000)),
     "REDIS_DB_HOT": ("db_hot", _DB),
     "REDIS_DB_WARM": ("db_warm", _DB),
     "REDIS_DB_QUEUE": ("db_queue", _DB),
@@ -349,10 +380,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
 def _check_cluster(settings: Settings) -> None:
     """A Cluster holds the cache; the queue needs a single node of its own (Dramatiq's
     scripts touch keys of many slots), named by BROKER_URL."""
-    if not settings.broker_url:
+    if not settings.broker_url or settings.broker_kind != "redis":
+        # With RabbitMQ the pending marks, failed list and lease would live on the Cluster,
+        # whose scripts (rabbit_outcome.lua, the fence) touch keys of many slots.
         raise ConfigError(
-            "REDIS_CLUSTER_MODE=true needs BROKER_URL: expected the job queue's own "
-            "single-node Redis (redis://host:port/db), which Dramatiq's scripts need"
+            "REDIS_CLUSTER_MODE=true needs BROKER_URL=redis://...: expected the job queue's "
+            "own single-node Redis (redis://host:port/db), which the queue's scripts need"
         )
     if urlsplit(settings.redis_url).scheme == "unix":
         raise ConfigError(

@@ -26,6 +26,7 @@ from engine.broker.jobs import QUEUES
 from engine.health_port import HealthPort, Pulse
 from engine.process import fork_child, set_title
 from engine.settings import Settings
+from engine.store import keys
 from engine.strategies.sidecar import SchedulerChild
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,9 @@ class Supervisor:
 class Recovery:
     """Hands dead children's taken-but-unacked messages back to their queues, in a thread.
 
+    On RabbitMQ the broker does that itself when the child's connections close; what is left
+    is the child's gauge of held messages (engine/broker/rabbit_settle.py), removed here.
+
     Started on the first hand-back (after the forks: no thread is ever forked). A hand-back
     that fails (Redis down, or refusing writes) is retried with backoff until it succeeds.
     """
@@ -193,13 +197,17 @@ class Recovery:
                             socket_connect_timeout=2,
                             socket_timeout=5,
                         )
-                    moved = client.eval(
-                        layout.RECOVER.source,
-                        1,
-                        layout.NAMESPACE,
-                        broker_id,
-                        *layout.all_queues(list(QUEUES.values())),
-                    )
+                    if self._settings.broker_kind == "rabbitmq":
+                        client.hdel(keys.QUEUE_GAUGES, broker_id)
+                        moved = 0
+                    else:
+                        moved = client.eval(
+                            layout.RECOVER.source,
+                            1,
+                            layout.NAMESPACE,
+                            broker_id,
+                            *layout.all_queues(list(QUEUES.values())),
+                        )
                     break
                 except Exception as exc:
                     # Redis down or refusing, or a REDIS_URL that redis-py refuses (ValueError):

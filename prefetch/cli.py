@@ -100,6 +100,10 @@ def _prepare(settings: Settings, *, fresh_metrics: bool) -> Settings:
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pika logs every connection step at INFO (each consumer, each publisher thread).
+    logging.getLogger("pika").setLevel(
+        max(logging.WARNING, logging.getLevelName(settings.log_level))
+    )
     metrics_dir = settings.metrics_dir or str(
         Path(tempfile.gettempdir()) / f"prefetch-metrics-{settings.service_port}"
     )

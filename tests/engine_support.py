@@ -1,11 +1,13 @@
 """Helpers for the job-engine tests: real `prefetch worker` processes, a real sandbox, real Redis.
 
 Redis is the session's `redis_url` fixture (tests/conftest.py: REDIS_URL, the local default or
-an embedded Valkey). The supervisor runs as a subprocess (`python -m prefetch.cli worker`) in
-its own session, on hot, warm and queue DBs 8, 9 and 14 (flushed before each test) and the
-metrics DB 15. The sandbox upstreams run in-process on free ports, on the test's event loop:
-tests wait with `wait_for` (which awaits), never with blocking sleeps, so the sandbox keeps
-answering.
+an embedded Valkey). The queue is on that Redis, or on RabbitMQ when the harness is opened with
+a `broker_url` (the `broker_url` fixture runs a test on each broker); the pending marks, the
+failed list and the counters are in the queue DB either way. The supervisor runs as a
+subprocess (`python -m prefetch.cli worker`) in its own session, on hot, warm and queue DBs 8,
+9 and 14 (flushed before each test) and the metrics DB 15. The sandbox upstreams run
+in-process on free ports, on the test's event loop: tests wait with `wait_for` (which awaits),
+never with blocking sleeps, so the sandbox keeps answering.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 
 import aiohttp
 
-from engine.broker.jobs import JobQueue
+from engine.broker.backend import open_job_queue
+from engine.broker.jobs import QUEUES
+from engine.broker.rabbit_broker import all_queues
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis, Script
@@ -249,22 +253,30 @@ def spawn(role: str, env: dict[str, str], log_path: Path) -> EngineProcess:
 class Engine:
     """Redis clients, the sandbox and the worker processes of one test."""
 
-    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, broker_url: str = "") -> None:
         self.tmp_path = tmp_path
         self.redis_url = redis_url
+        self.broker_url = broker_url
+        self.rabbit = broker_url.startswith("amqp")
+        self.settings = Settings().with_overrides(
+            redis_url=redis_url, db_queue=DB_QUEUE, broker_url=broker_url
+        )
         self.hot = FastRedis(redis_url, DB_HOT)
         self.warm = FastRedis(redis_url, DB_WARM)
         self.queue = FastRedis(redis_url, DB_QUEUE)
-        self.jobs = JobQueue(self.queue)
+        self.jobs = open_job_queue(self.settings, self.queue)
         self.sandbox: SandboxServer | None = None
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self.processes: list[EngineProcess] = []
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, tmp_path: Path, redis_url: str) -> AsyncIterator[Engine]:
-        """A harness on flushed DBs; kills every process it started on exit."""
-        engine = cls(tmp_path, redis_url)
+    async def open(
+        cls, tmp_path: Path, redis_url: str, broker_url: str = ""
+    ) -> AsyncIterator[Engine]:
+        """A harness on flushed DBs (and emptied RabbitMQ queues); kills every process it
+        started on exit."""
+        engine = cls(tmp_path, redis_url, broker_url)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
         locked = False
         try:
@@ -272,6 +284,8 @@ class Engine:
             await engine.hot.execute("FLUSHDB")
             await engine.warm.execute("FLUSHDB")
             await engine.queue.evalsha_or_eval(_RESET_QUEUE_DB, [LOCK_KEY], [])
+            if engine.rabbit:
+                await asyncio.to_thread(empty_queues, broker_url)
             yield engine
         finally:
             await engine.close()
@@ -299,6 +313,7 @@ class Engine:
         if self.sandbox is not None:
             await self.sandbox.stop()
         await self.http.close()
+        await self.jobs.close()
         for client in (self.hot, self.warm):
             await client.close()
 
@@ -343,6 +358,8 @@ class Engine:
             "ENABLE_ACTIVITY_BASED": "false",
             "LOG_LEVEL": "info",
         }
+        if self.broker_url:
+            variables["BROKER_URL"] = self.broker_url
         variables.update(overrides)
         return clean_env(**variables)
 
@@ -358,8 +375,12 @@ class Engine:
         return process
 
     async def consuming(self, process: EngineProcess) -> set[str]:
-        """Broker ids of the supervisor's children that poll the queue (heartbeats)."""
-        members = await self.queue.execute("ZRANGE", HEARTBEATS, 0, -1)
+        """Broker ids of the supervisor's children that consume (Redis: their heartbeats;
+        RabbitMQ: their gauges, first written once every consumer is connected)."""
+        if self.rabbit:
+            members = await self.queue.execute("HKEYS", keys.QUEUE_GAUGES)
+        else:
+            members = await self.queue.execute("ZRANGE", HEARTBEATS, 0, -1)
         return {m.decode() for m in members if m.decode().split(":")[-3] == str(process.pid)}
 
     async def wait_ready(self, process: EngineProcess, count: int, timeout: float = 20) -> None:
@@ -385,7 +406,16 @@ class Engine:
         return sum(await self.cached(tier, user_ids))
 
     async def acks(self) -> dict[str, int]:
-        """Unacked message ids per Dramatiq ack set (worker and queue)."""
+        """Unacked messages: per Dramatiq ack set (worker and queue) on Redis, per worker on
+        RabbitMQ (its gauge, stale or not: a stopped worker removes its own, the supervisor a
+        dead one's)."""
+        if self.rabbit:
+            raw = await self.queue.execute("HGETALL", keys.QUEUE_GAUGES)
+            held = {
+                raw[i].decode(): sum(int(n) for n in raw[i + 1].split()[1:])
+                for i in range(0, len(raw), 2)
+            }
+            return {name: count for name, count in held.items() if count}
         names = await self.queue.execute("KEYS", f"{keys.QUEUE_NAMESPACE}:__acks__.*")
         sizes = await self.queue.pipeline([("SCARD", name) for name in names])
         return {n.decode(): s for n, s in zip(names, sizes, strict=True) if s}
@@ -398,6 +428,37 @@ class Engine:
             for line in process.log().splitlines()
             if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
         ]
+
+
+def empty_queues(broker_url: str, timeout: float = 20.0) -> None:
+    """Empty the service's queues (and their delay and dead-letter queues) in the test vhost,
+    once the previous test's consumers are gone (their unacked messages back in the queues).
+
+    Purged, not deleted: a quorum queue deleted and declared again at once can be found by a
+    consumer before its new process runs (RabbitMQ 3.10 answers it with an internal error).
+    """
+    import pika
+    import pika.exceptions
+
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        deadline = time.monotonic() + timeout
+        for name in all_queues(list(QUEUES.values())):
+            while True:
+                try:
+                    declared = channel.queue_declare(name, passive=True)
+                except pika.exceptions.ChannelClosedByBroker:  # 404: not declared yet
+                    channel = connection.channel()
+                    break
+                if declared.method.consumer_count == 0:
+                    channel.queue_purge(name)
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"queue {name} still has consumers")
+                connection.sleep(0.05)
+    finally:
+        connection.close()
 
 
 # --- a Redis of the test's own ----------------------------------------------------------------

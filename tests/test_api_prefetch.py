@@ -1,21 +1,39 @@
-"""Scheduling, immediate prefetch and the job queue routes. No worker runs: jobs stay waiting."""
+"""Scheduling, immediate prefetch and the job queue routes. No worker runs: jobs stay waiting.
+
+The queue routes run on each broker (`queue_api`): the queue in Redis, and on RabbitMQ.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from engine import wire
 from engine.broker.jobs import JobQueue
+from engine.settings import Settings
+from engine.store import keys
 from engine.store.fastredis import FastRedis
-from tests.conftest import ApiClient, new_user
+from tests.conftest import ApiClient, closed_port, new_user, serve_api
+from tests.engine_support import empty_queues
 
 pytestmark = pytest.mark.timeout(30)
 
 JOB_ID = re.compile(r"^prefetch:([0-9a-f-]{36}):(\d+)$")
+
+
+@pytest_asyncio.fixture
+async def queue_api(settings: Settings, broker_url: str) -> AsyncIterator[ApiClient]:
+    """The API with its queue on each broker in turn (RabbitMQ: its queues emptied first)."""
+    if broker_url:
+        await asyncio.to_thread(empty_queues, broker_url)
+    async with serve_api(settings.with_overrides(broker_url=broker_url)) as client:
+        yield client
 
 
 async def _stats(api: ApiClient) -> dict[str, Any]:
@@ -25,7 +43,8 @@ async def _stats(api: ApiClient) -> dict[str, Any]:
     return data
 
 
-async def test_schedule_queues_a_job(api: ApiClient) -> None:
+async def test_schedule_queues_a_job(queue_api: ApiClient) -> None:
+    api = queue_api
     user = new_user()
     before_ms = int(time.time() * 1000)
     reply = await api.call("POST", f"/api/prefetch/schedule/{user}")  # no body at all
@@ -41,7 +60,8 @@ async def test_schedule_queues_a_job(api: ApiClient) -> None:
     assert (await _stats(api))["waiting"] == 1
 
 
-async def test_schedule_accepts_priority_and_delay(api: ApiClient) -> None:
+async def test_schedule_accepts_priority_and_delay(queue_api: ApiClient) -> None:
+    api = queue_api
     user = new_user()
     body = {"priority": "low", "delay": 86_400_000}
     reply = await api.call("POST", f"/api/prefetch/schedule/{user}", json=body)
@@ -52,7 +72,8 @@ async def test_schedule_accepts_priority_and_delay(api: ApiClient) -> None:
     assert stats["delayed"] == 1 and stats["waiting"] == 0
 
 
-async def test_pending_job_of_equal_or_higher_priority_is_returned(api: ApiClient) -> None:
+async def test_pending_job_of_equal_or_higher_priority_is_returned(queue_api: ApiClient) -> None:
+    api = queue_api
     user = new_user()
     path = f"/api/prefetch/schedule/{user}"
     first = (await api.call("POST", path, json={"priority": "medium"})).body["data"]
@@ -129,14 +150,16 @@ async def test_immediate_failures_map_to_status_codes(
     assert reply.body["error"] == code
 
 
-async def test_queue_stats_shape(api: ApiClient) -> None:
+async def test_queue_stats_shape(queue_api: ApiClient) -> None:
+    api = queue_api
     stats = await _stats(api)
     assert stats["name"] == "prefetch"
     for field in ("waiting", "active", "completed", "failed", "delayed"):
         assert stats[field] == 0, field
 
 
-async def test_failed_list_is_empty_at_first(api: ApiClient) -> None:
+async def test_failed_list_is_empty_at_first(queue_api: ApiClient) -> None:
+    api = queue_api
     reply = await api.call("GET", "/api/prefetch/queue/failed")
     assert reply.status == 200
     assert reply.body == {"success": True, "data": {"jobs": [], "count": 0}}
@@ -150,14 +173,16 @@ async def test_bad_limit_is_400(api: ApiClient, limit: str) -> None:
     assert reply.body["error"] == "INVALID_LIMIT"
 
 
-async def test_retry_of_unknown_job_is_404(api: ApiClient) -> None:
+async def test_retry_of_unknown_job_is_404(queue_api: ApiClient) -> None:
+    api = queue_api
     for job_id in (f"prefetch:{new_user()}:1703184000000", "not-a-job-id"):
         reply = await api.call("POST", f"/api/prefetch/queue/retry/{job_id}")
         assert reply.status == 404
         assert reply.body["error"] == "JOB_NOT_FOUND"
 
 
-async def test_retry_of_a_pending_job_is_409(api: ApiClient) -> None:
+async def test_retry_of_a_pending_job_is_409(queue_api: ApiClient) -> None:
+    api = queue_api
     user = new_user()
     job_id = (await api.call("POST", f"/api/prefetch/schedule/{user}")).body["data"]["jobId"]
     reply = await api.call("POST", f"/api/prefetch/queue/retry/{job_id}")
@@ -166,8 +191,9 @@ async def test_retry_of_a_pending_job_is_409(api: ApiClient) -> None:
 
 
 async def test_failed_jobs_are_listed_newest_first_and_retried(
-    api: ApiClient, redis_roles: dict[str, FastRedis]
+    queue_api: ApiClient, redis_roles: dict[str, FastRedis]
 ) -> None:
+    api = queue_api
     queue = JobQueue(redis_roles["queue"])
     older, newer = new_user(), new_user()
     for user, stamp in ((older, 1_703_184_000_000), (newer, 1_703_184_000_500)):
@@ -208,3 +234,22 @@ async def test_failed_jobs_are_listed_newest_first_and_retried(
     assert stats["waiting"] == 1 and stats["failed"] == 2
     again = await api.call("POST", f"/api/prefetch/queue/retry/{job_id}")
     assert again.status == 409 and again.body["error"] == "JOB_NOT_FAILED"
+
+
+async def test_with_the_broker_down_queue_routes_are_503_and_leave_no_mark(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    down = settings.with_overrides(broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+    user = new_user()
+    async with serve_api(down) as api:
+        for _ in range(2):  # the first one's mark is gone: the second is no duplicate of it
+            reply = await api.call("POST", f"/api/prefetch/schedule/{user}")
+            assert reply.status == 503
+            assert reply.body["error"] == "QUEUE_UNAVAILABLE"
+            assert await redis_roles["queue"].execute("EXISTS", keys.pending_job(user)) == 0
+        stats = await api.call("GET", "/api/prefetch/queue/stats")
+        assert (stats.status, stats.body["error"]) == (503, "QUEUE_UNAVAILABLE")
+        health = await api.call("GET", "/health", token=None)
+        assert health.body["checks"]["queue"]["status"] == "disconnected"
+        # Reads do not need the queue.
+        assert (await api.call("GET", f"/api/cache/status/{user}")).status == 200

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from engine.broker.jobs import FAILED_KEEP
+from engine.broker import dramatiq_layout as layout
+from engine.broker.jobs import FAILED_KEEP, JobQueue
 from engine.broker.worker import EXIT_CONSUMER_DIED, _watch, make_broker, make_worker
 from engine.settings import Settings
 from engine.store import keys
+from engine.store.fastredis import FastRedis
 from sandbox.timeline import NOT_FOUND_PREFIX
 from tests.engine_support import (
     DB_QUEUE,
@@ -91,9 +93,9 @@ def replaced(supervisor: EngineProcess, index: int, old: int) -> int | None:
 
 @pytest.mark.timeout(150)
 async def test_a_redis_crash_loses_no_accepted_job_and_leaves_no_stale_dedup(
-    tmp_path: Path, aof_redis: PrivateRedis
+    tmp_path: Path, aof_redis: PrivateRedis, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, aof_redis.url) as engine:
+    async with Engine.open(tmp_path, aof_redis.url, broker_url) as engine:
         await engine.start_sandbox(latency_ms=150)
         supervisor = await engine.start_worker(
             PREFETCH_JOB_CONCURRENCY="20", PREFETCH_BACKOFF_MS="300"
@@ -125,9 +127,9 @@ async def test_a_redis_crash_loses_no_accepted_job_and_leaves_no_stale_dedup(
 
 @pytest.mark.timeout(120)
 async def test_redis_refusing_writes_delays_jobs_loses_none_and_kills_no_consumer(
-    tmp_path: Path, plain_redis: PrivateRedis
+    tmp_path: Path, plain_redis: PrivateRedis, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, plain_redis.url) as engine:
+    async with Engine.open(tmp_path, plain_redis.url, broker_url) as engine:
         await engine.start_sandbox(latency_ms=200)
         supervisor = await engine.start_worker(PREFETCH_JOB_CONCURRENCY="10")
         workers = supervisor.workers()
@@ -160,9 +162,9 @@ async def test_redis_refusing_writes_delays_jobs_loses_none_and_kills_no_consume
 
 @pytest.mark.timeout(120)
 async def test_a_worker_is_replaced_while_redis_is_frozen_and_its_jobs_come_back_later(
-    tmp_path: Path, plain_redis: PrivateRedis
+    tmp_path: Path, plain_redis: PrivateRedis, broker_url: str
 ) -> None:
-    async with Engine.open(tmp_path, plain_redis.url) as engine:
+    async with Engine.open(tmp_path, plain_redis.url, broker_url) as engine:
         await engine.start_sandbox(latency_ms=1_500)
         supervisor = await engine.start_worker(
             PREFETCH_WORKER_COUNT="1", PREFETCH_JOB_CONCURRENCY="5"
@@ -186,11 +188,67 @@ async def test_a_worker_is_replaced_while_redis_is_frozen_and_its_jobs_come_back
         await wait_for(lambda: queue_empty(engine), 30, "an empty queue")
 
 
-async def test_a_worker_whose_consumer_thread_died_exits_to_be_replaced(
-    tmp_path: Path, redis_url: str
+@pytest.mark.timeout(120)
+async def test_a_queue_on_a_redis_of_its_own_loses_nothing_when_a_worker_dies(
+    tmp_path: Path, redis_url: str, plain_redis: PrivateRedis
 ) -> None:
-    async with Engine.open(tmp_path, redis_url):
-        settings = Settings().with_overrides(redis_url=redis_url, db_queue=DB_QUEUE)
+    # BROKER_URL=redis://...: messages, marks, counters and hand-backs on that Redis; the
+    # entries on the cache's.
+    async with Engine.open(tmp_path, redis_url) as engine:
+        queue = FastRedis(plain_redis.url, DB_QUEUE)
+        jobs = JobQueue(queue)
+        try:
+            await engine.start_sandbox(latency_ms=100)
+            supervisor = await engine.start_worker(
+                ready=False, BROKER_URL=plain_redis.url, PREFETCH_JOB_CONCURRENCY="20"
+            )
+
+            async def consuming() -> bool:
+                beats = await queue.execute(
+                    "ZRANGE", keys.QUEUE_NAMESPACE + ":__heartbeats__", 0, -1
+                )
+                return len({b.decode().split(":")[-2] for b in beats}) == 2
+
+            await wait_for(consuming, 20, "two workers consuming the broker's Redis")
+            users = [user() for _ in range(300)]
+            for start in range(0, len(users), 100):
+                await asyncio.gather(
+                    *(jobs.schedule(u, "medium") for u in users[start : start + 100])
+                )
+            await wait_for(lambda: _completed(jobs, 30), 30, "jobs under way")
+            victim = supervisor.workers()[1]
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(partial(replaced, supervisor, 1, victim), 10, "a new worker 1")
+
+            await wait_for(lambda: all_cached(engine, users), 60, "every job")
+
+            async def drained() -> bool:
+                stats = await jobs.stats()
+                acks = await queue.execute("KEYS", layout.acks_pattern())
+                return not (stats["waiting"] or stats["active"] or stats["delayed"] or acks)
+
+            await wait_for(drained, 20, "an empty queue on the broker's Redis")
+            assert (await jobs.stats())["completed"] >= len(users)
+            pending = await queue.pipeline([("EXISTS", keys.pending_job(u)) for u in users])
+            assert not any(pending)
+            # Nothing of the queue in the cache's queue DB.
+            assert await engine.queue.execute("KEYS", "prefetch:queue:*") == []
+            assert await engine.queue.execute("KEYS", "prefetch:jobs:*") == []
+        finally:
+            await queue.close()
+
+
+async def _completed(jobs: JobQueue, count: int) -> bool:
+    return int((await jobs.stats())["completed"]) >= count
+
+
+async def test_a_worker_whose_consumer_thread_died_exits_to_be_replaced(
+    tmp_path: Path, redis_url: str, broker_url: str
+) -> None:
+    async with Engine.open(tmp_path, redis_url, broker_url):
+        settings = Settings().with_overrides(
+            redis_url=redis_url, db_queue=DB_QUEUE, broker_url=broker_url
+        )
         broker, _, _ = make_broker(settings, f"test:{os.getpid()}:1:1")
         worker = make_worker(settings, broker)
         worker.start()

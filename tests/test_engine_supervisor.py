@@ -36,8 +36,8 @@ from tests.engine_support import (
 
 
 @pytest_asyncio.fixture
-async def engine(tmp_path: Path, redis_url: str) -> AsyncIterator[Engine]:
-    async with Engine.open(tmp_path, redis_url) as harness:
+async def engine(tmp_path: Path, redis_url: str, broker_url: str) -> AsyncIterator[Engine]:
+    async with Engine.open(tmp_path, redis_url, broker_url) as harness:
         yield harness
 
 

@@ -104,6 +104,10 @@ def test_api_limits_have_defaults_and_bounds() -> None:
         ("API_BODY_TIMEOUT", "soon", "an integer from 100 to 600000"),
         ("API_MAX_CONNECTIONS", "4", "an integer from 16 to 1000000"),
         ("REDIS_URL", "rediss://cache/?ssl_cert_reqs=sometimes", "whose options parse"),
+        ("BROKER_URL", "kafka://queue:9092", "a redis://, rediss://, unix://, amqp:// or amqps://"),
+        ("BROKER_URL", "amqp://rabbit:5672/?heartbeat=often", "an amqp:// or amqps:// URL whose"),
+        ("BROKER_URL", "redis://queue:6379/?socket_timeout=abc", "whose options parse"),
+        ("BROKER_QUEUE_TYPE", "stream", "one of quorum|classic"),
     ],
 )
 def test_a_malformed_value_names_the_variable_and_the_form(
@@ -115,6 +119,39 @@ def test_a_malformed_value_names_the_variable_and_the_form(
     assert message.startswith(f"{name}=")
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_queue_follows_broker_url() -> None:
+    cache_only = load_settings({"REDIS_URL": "redis://cache:6379"})
+    assert (cache_only.broker_kind, cache_only.queue_redis_url) == ("redis", "redis://cache:6379")
+    own_redis = load_settings(
+        {"REDIS_URL": "redis://cache:6379", "BROKER_URL": "redis://queue:6380/4"}
+    )
+    assert (own_redis.broker_kind, own_redis.queue_redis_url) == ("redis", "redis://queue:6380/4")
+    rabbit = load_settings(
+        {"REDIS_URL": "redis://cache:6379", "BROKER_URL": "amqps://u:p%40ss@rabbit:5671/prod"}
+    )
+    assert rabbit.broker_kind == "rabbitmq"
+    assert rabbit.queue_redis_url == "redis://cache:6379", "marks and records stay in Redis"
+    assert rabbit.broker_queue_type == "quorum"
+
+
+async def test_the_queue_role_is_on_the_brokers_redis() -> None:
+    from engine.runtime import redis_clients
+
+    settings = load_settings(
+        {
+            "REDIS_URL": "redis://cache:6379",
+            "BROKER_URL": "redis://queue:6380",
+            "REDIS_DB_QUEUE": "5",
+        }
+    )
+    clients = redis_clients(settings)
+    assert (clients["queue"].address.host, clients["queue"].address.port) == ("queue", 6380)
+    assert clients["queue"].address.db == 5
+    assert clients["hot"].address.host == clients["metrics"].address.host == "cache"
+    for client in {id(c): c for c in clients.values()}.values():
+        await client.close()
 
 
 def test_strategy_knobs_are_read() -> None:

@@ -16,19 +16,19 @@ exactly as its own dispatch.lua does (tests compare the Redis state of both).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from engine.broker import ledger as ledger_mod
+from engine.broker.ledger import Ledger, Outgoing, canonical, current_ledger, deferred
 from engine.store import keys
 from engine.store.fastredis import Arg, FastRedis, Script
+
+__all__ = ["Ledger", "Outgoing", "canonical", "current_ledger", "deferred"]
 
 NAMESPACE = keys.QUEUE_NAMESPACE
 HEARTBEATS = f"{NAMESPACE}:__heartbeats__"
@@ -69,98 +69,14 @@ def delay_queue(queue: str) -> str:
     return f"{queue}.DQ"
 
 
-def canonical(queue: str) -> str:
-    """`X` for `X.DQ`."""
-    return queue.removesuffix(".DQ")
-
-
-# --- messages, built by Dramatiq -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message as Dramatiq's enqueue would write it: on `queue`, under `redis_id`."""
-
-    queue: str
-    redis_id: str
-    data: bytes
-
-
-@dataclass(slots=True)
-class Ledger:
-    """What a step will write atomically: messages enqueued meanwhile, and settle ops.
-
-    `on_settled`: what to do in this process once the step's settle landed and the message
-    was still this worker's (the in-memory stats count the outcome exactly when Redis did).
-    """
-
-    messages: list[Outgoing] = field(default_factory=list)
-    ops: list[Arg] = field(default_factory=list)
-    op_count: int = 0
-    on_settled: list[Callable[[], None]] = field(default_factory=list)
-
-    def clear_pending(self, pending_key: str, job_id: str) -> None:
-        """The job is over: drop the user's pending mark if it is still this job's."""
-        self.ops += ("clear", pending_key, job_id)
-        self.op_count += 1
-
-    def move_pending(self, pending_key: str, job_id: str, message: Outgoing) -> None:
-        """The job's next attempt is `message`: its pending mark follows it."""
-        self.ops += ("move", pending_key, job_id, canonical(message.queue), message.redis_id)
-        self.op_count += 1
-
-    def completed(self, count: int) -> None:
-        """Count `count` jobs that finished well."""
-        if count:
-            self.ops += ("completed", count)
-            self.op_count += 1
-
-    def failed(self, record: bytes) -> None:
-        """Count a job that failed for good and keep its record in the failed list."""
-        self.ops += ("failed", record)
-        self.op_count += 1
-
-    def settle_args(self) -> list[Arg]:
-        """The ops, with every captured message pushed first."""
-        pushed: list[Arg] = []
-        for m in self.messages:
-            pushed += ("push", m.queue, m.redis_id, m.data)
-        return pushed + self.ops
-
-    @property
-    def total_ops(self) -> int:
-        return len(self.messages) + self.op_count
-
-
-_ledger: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(
-    "prefetch_ledger", default=None
-)
-
-
-@contextlib.contextmanager
-def deferred() -> Iterator[Ledger]:
-    """Within this block (this task or thread only), Dramatiq's enqueues go to the ledger."""
-    ledger = Ledger()
-    token = _ledger.set(ledger)
-    try:
-        yield ledger
-    finally:
-        _ledger.reset(token)
-
-
-def current_ledger() -> Ledger:
-    """The ledger of the step in progress (a job run by the executor)."""
-    ledger = _ledger.get()
-    if ledger is None:
-        raise RuntimeError("no ledger: not inside a job")
-    return ledger
+# --- messages, built by Dramatiq (recorded in a ledger: engine/broker/ledger.py) -------------
 
 
 class PrefetchBroker(RedisBroker):
     """Dramatiq's RedisBroker, whose enqueues inside `deferred()` are recorded, not written."""
 
     def do_enqueue(self, queue_name: str, redis_id: str, data: bytes) -> Any:
-        ledger = _ledger.get()
+        ledger = ledger_mod.active()
         if ledger is None:
             return self._dispatch("enqueue")(queue_name, redis_id, data)  # type: ignore[no-untyped-call]
         ledger.messages.append(Outgoing(queue_name, redis_id, data))

@@ -189,16 +189,20 @@ class LoopWorker(dramatiq.Worker):
         queue_prefetch: int,
         delay_prefetch: int,
         worker_timeout: int,
+        consumer_factory: Callable[..., ConsumerThread] = Consumer,
     ) -> None:
         super().__init__(broker, worker_timeout=worker_timeout, worker_threads=0)
         self.queue_prefetch = queue_prefetch
         self.delay_prefetch = delay_prefetch
         self.work_queue: WorkQueue = WorkQueue()
+        # Redis: the hardened `Consumer` above. RabbitMQ: Dramatiq's own thread (whose broker
+        # redelivers whatever a lost connection had not acknowledged), re-holding long delays.
+        self.consumer_factory = consumer_factory
 
     def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
         if queue_name in self.consumers:
             return
-        consumer = self.consumers[queue_name] = Consumer(
+        consumer = self.consumers[queue_name] = self.consumer_factory(
             broker=self.broker,
             queue_name=queue_name,
             prefetch=self.delay_prefetch if delay else self.queue_prefetch,

@@ -10,7 +10,9 @@ but together with the message's acknowledgement, in one atomic script call per b
 finished messages (settle.lua). So a message is never acknowledged without its outcome, and
 an outcome is never written twice for one delivery. What the job counts in this process's
 stats waits in the ledger too (`on_settled`), and is counted only for a message that the
-settle found still this worker's: the in-memory stats agree with the Redis counters.
+settle found still this worker's: the in-memory stats agree with the Redis counters. On
+RabbitMQ the settler publishes, writes the outcomes, then acknowledges
+(engine/broker/rabbit_settle.py): the same guarantees, in ordered steps instead of one.
 
 When Redis fails (unreachable, or refusing writes: OOM, LOADING), nothing of the attempt is
 written: the job runs again after a backoff, and a settle that fails is retried until Redis
@@ -26,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from queue import Empty
-from typing import Any
+from typing import Any, Protocol
 
 import dramatiq
 from dramatiq.broker import MessageProxy
@@ -35,7 +37,8 @@ from dramatiq.middleware import SkipMessage
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.dramatiq_worker import LoopWorker, discard_outstanding
-from engine.errors import RedisReplyError, RedisUnavailable
+from engine.broker.ledger import Ledger, deferred
+from engine.errors import BrokerUnavailable, RedisReplyError, RedisUnavailable
 from engine.store.fastredis import Arg, FastRedis
 
 log = logging.getLogger(__name__)
@@ -58,10 +61,69 @@ def is_transient(exc: BaseException) -> bool:
 
 
 @dataclass(slots=True)
-class _Finished:
+class Finished:
+    """A message whose run is over, to be settled: its verb and what its run enqueued."""
+
     message: MessageProxy
     verb: str  # ack, nack, back
-    ledger: layout.Ledger | None
+    ledger: Ledger | None
+    published: bool = False  # RabbitMQ: its ledger's messages are confirmed already
+
+
+class Settler(Protocol):
+    """Writes finished messages' outcomes and acknowledges them, for one broker."""
+
+    async def settle(self, batch: list[Finished]) -> list[bool]:
+        """Settle the batch; per message, in order, whether this settle wrote its outcome (it
+        was still this worker's, or its delivery's outcome was not written yet). Raise
+        (RedisUnavailable, RedisReplyError, BrokerUnavailable) to have it tried again later,
+        whole."""
+
+    def may_be_settled(self, message: MessageProxy) -> bool:
+        """Whether this delivery may repeat one whose outcome is already written."""
+
+    async def is_settled(self, message: MessageProxy) -> bool:
+        """Whether this delivery's outcome is already written (then it is only acknowledged)."""
+
+
+class RedisSettler:
+    """Dramatiq's Redis broker: outcomes and acks of a batch in one script call (settle.lua)."""
+
+    def __init__(
+        self,
+        broker: layout.PrefetchBroker,
+        worker: LoopWorker,
+        redis: FastRedis,
+        failed_keep: int,
+    ) -> None:
+        self._broker = broker
+        self._worker = worker
+        self._redis = redis
+        self._failed_keep = failed_keep
+
+    async def settle(self, batch: list[Finished]) -> list[bool]:
+        groups: list[Arg] = []
+        for done in batch:
+            groups += layout.settle_group(
+                done.verb,
+                done.message.queue_name,
+                done.message.options["redis_message_id"],
+                done.ledger,
+            )
+        ours = await layout.settle(
+            self._redis, str(self._broker.broker_id), groups, self._failed_keep
+        )
+        for done in batch:
+            consumer = self._worker.consumer_of(done.message)
+            if consumer is not None:
+                discard_outstanding(consumer, done.message)
+        return ours
+
+    def may_be_settled(self, message: MessageProxy) -> bool:
+        return False  # the ack is written with the outcome: a redelivery never follows one
+
+    async def is_settled(self, message: MessageProxy) -> bool:
+        return False
 
 
 class Executor:
@@ -69,26 +131,24 @@ class Executor:
 
     def __init__(
         self,
-        broker: layout.PrefetchBroker,
+        broker: dramatiq.Broker,
         worker: LoopWorker,
-        redis: FastRedis,
+        settler: Settler,
         handlers: Mapping[str, Handler],
         *,
         concurrency: int,
-        failed_keep: int,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._broker = broker
         self._worker = worker
-        self._redis = redis
+        self._backend = settler
         self._handlers = handlers
         self._free = concurrency
-        self._failed_keep = failed_keep
         self._accepting = True
         self._idle = False  # read by consumer threads: wake the loop on the next item
         self._wake_pending = False
         self._running: set[asyncio.Task[None]] = set()
-        self._finished: list[_Finished] = []
+        self._finished: list[Finished] = []
         self._held: set[str] = set()  # redis ids taken from the work queue, not yet settled
         self._settler: asyncio.Task[None] | None = None
         self._last_warning = 0.0
@@ -132,7 +192,9 @@ class Executor:
                     return
             self._idle = False
             self._free -= 1
-            self._held.add(item.message.options["redis_message_id"])
+            redis_id = item.message.options.get("redis_message_id")
+            if redis_id is not None:  # Redis broker: the reclaimer compares its ack sets
+                self._held.add(redis_id)
             task = self._loop.create_task(self._run(item.message))
             self._running.add(task)
             task.add_done_callback(self._job_done)
@@ -151,7 +213,7 @@ class Executor:
     async def _run(self, message: MessageProxy) -> None:
         pause = RERUN_BACKOFF_S[0]
         while True:
-            with layout.deferred() as ledger:
+            with deferred() as ledger:
                 verb = await self._attempt(message, ledger)
             if verb is not None:
                 self._finish(message, verb, ledger)
@@ -163,11 +225,13 @@ class Executor:
                 raise
             pause = min(pause * 2, RERUN_BACKOFF_S[1])
 
-    async def _attempt(self, message: MessageProxy, ledger: layout.Ledger) -> str | None:
+    async def _attempt(self, message: MessageProxy, ledger: Ledger) -> str | None:
         """Run the message once; its verb (ack, nack), or None to run it again later."""
         broker = self._broker
         handler = self._handlers.get(message.actor_name)
         try:
+            if self._backend.may_be_settled(message) and await self._backend.is_settled(message):
+                return "ack"  # its outcome is written: only the acknowledgement was lost
             broker.emit_before("process_message", message)
             if handler is None:
                 raise dramatiq.ActorNotFound(message.actor_name)  # type: ignore[no-untyped-call]
@@ -208,29 +272,20 @@ class Executor:
 
     # --- settling -----------------------------------------------------------------------------
 
-    def _finish(self, message: MessageProxy, verb: str, ledger: layout.Ledger | None) -> None:
-        self._finished.append(_Finished(message, verb, ledger))
+    def _finish(self, message: MessageProxy, verb: str, ledger: Ledger | None) -> None:
+        self._finished.append(Finished(message, verb, ledger))
         if self._settler is None:
             self._settler = self._loop.create_task(self._settle_all())
 
     async def _settle_all(self) -> None:
         """Write the finished messages' outcomes and acks; retry until Redis takes them."""
         pause = SETTLE_BACKOFF_S[0]
-        broker_id = str(self._broker.broker_id)
         try:
             while self._finished:
                 batch = self._finished[:SETTLE_BATCH]
-                groups: list[Arg] = []
-                for done in batch:
-                    groups += layout.settle_group(
-                        done.verb,
-                        done.message.queue_name,
-                        done.message.options["redis_message_id"],
-                        done.ledger,
-                    )
                 try:
-                    ours = await layout.settle(self._redis, broker_id, groups, self._failed_keep)
-                except (RedisUnavailable, RedisReplyError) as exc:
+                    ours = await self._backend.settle(batch)
+                except (RedisUnavailable, RedisReplyError, BrokerUnavailable) as exc:
                     self._warn(f"could not settle {len(batch)} finished jobs yet", exc)
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, SETTLE_BACKOFF_S[1])
@@ -238,10 +293,9 @@ class Executor:
                 pause = SETTLE_BACKOFF_S[0]
                 del self._finished[: len(batch)]
                 for done, mine in zip(batch, ours, strict=True):
-                    self._held.discard(done.message.options["redis_message_id"])
-                    consumer = self._worker.consumer_of(done.message)
-                    if consumer is not None:
-                        discard_outstanding(consumer, done.message)
+                    redis_id = done.message.options.get("redis_message_id")
+                    if redis_id is not None:
+                        self._held.discard(redis_id)
                     if mine and done.ledger is not None:
                         _run_callbacks(done.ledger)
         finally:

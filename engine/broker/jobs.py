@@ -234,6 +234,9 @@ class JobQueue:
             "byPriority": by_priority,
         }
 
+    async def close(self) -> None:
+        """Release what the queue holds besides its Redis client (nothing, on Redis)."""
+
     async def fail(self, job: wire.FailedJob) -> None:
         """Record a job as failed for good without a message of its own (tests, tools): clear
         its pending mark, count it, keep it in the failed list, in one step."""
@@ -244,9 +247,15 @@ class JobQueue:
         )
 
     async def failed(self, limit: int) -> list[wire.FailedJob]:
-        """The newest `limit` failed jobs."""
-        raw = await self._redis.execute("LRANGE", keys.FAILED_JOBS, 0, limit - 1)
-        return [wire.failed_job_decoder.decode(item) for item in raw]
+        """The newest `limit` failed jobs, newest first.
+
+        The list is in the order the outcomes were written; two workers may write theirs in
+        the other order than their jobs failed (by a few ms), so the few kept are sorted.
+        """
+        raw = await self._redis.execute("LRANGE", keys.FAILED_JOBS, 0, -1)
+        jobs = [wire.failed_job_decoder.decode(item) for item in raw]
+        jobs.sort(key=lambda job: job.timestamp, reverse=True)
+        return jobs[:limit]
 
     async def retry(self, job_id: str) -> Scheduled:
         """Enqueue a failed job again under its id; NotFound / Conflict otherwise.

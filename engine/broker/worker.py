@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
 import signal
+from collections.abc import Callable
 
+import dramatiq
 import redis
 import uvloop
 from dramatiq.middleware import CurrentMessage, Retries
+from dramatiq.worker import ConsumerThread
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.actors import JobOutcome, RuntimeHolder, register_actors
-from engine.broker.dramatiq_worker import LoopWorker
-from engine.broker.executor import Executor, Handler
+from engine.broker.dramatiq_worker import Consumer, LoopWorker
+from engine.broker.executor import Executor, Handler, RedisSettler
 from engine.broker.jobs import FAILED_KEEP, QUEUES
+from engine.broker.rabbit_broker import PrefetchRabbitBroker, RabbitConsumer, make_rabbit_broker
+from engine.broker.rabbit_settle import RabbitSettler
 from engine.broker.reclaim import Reclaimer
 from engine.process import set_title
 from engine.runtime import open_runtime, queue_client
@@ -59,26 +65,32 @@ def broker_pool(settings: Settings) -> redis.BlockingConnectionPool:
 
 def make_broker(
     settings: Settings, broker_id: str | None = None
-) -> tuple[layout.PrefetchBroker, RuntimeHolder, dict[str, Handler]]:
-    """A broker on the queue DB under the `prefetch:queue` namespace, with the actors."""
+) -> tuple[dramatiq.Broker, RuntimeHolder, dict[str, Handler]]:
+    """The broker BROKER_URL names (Redis: the queue DB under the `prefetch:queue` namespace;
+    RabbitMQ: its queues), with our middleware and the actors."""
     holder = RuntimeHolder()
-    broker = layout.PrefetchBroker(  # type: ignore[no-untyped-call]
-        client=redis.Redis(connection_pool=broker_pool(settings)),
-        namespace=layout.NAMESPACE,
-        heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
-        maintenance_chance=MAINTENANCE_CHANCE,
-        middleware=[
-            CurrentMessage(),
-            JobOutcome(holder),
-            # Attempts after the first; upstream failures raise Retry with an exact delay,
-            # anything else unexpected backs off from PREFETCH_BACKOFF_MS (with jitter).
-            Retries(
-                max_retries=settings.prefetch_max_attempts - 1,
-                min_backoff=max(1, settings.prefetch_backoff_ms),
-                max_backoff=600_000,
-            ),
-        ],
-    )
+    middleware: list[dramatiq.Middleware] = [
+        CurrentMessage(),
+        JobOutcome(holder),
+        # Attempts after the first; upstream failures raise Retry with an exact delay,
+        # anything else unexpected backs off from PREFETCH_BACKOFF_MS (with jitter).
+        Retries(
+            max_retries=settings.prefetch_max_attempts - 1,
+            min_backoff=max(1, settings.prefetch_backoff_ms),
+            max_backoff=600_000,
+        ),
+    ]
+    broker: layout.PrefetchBroker | PrefetchRabbitBroker
+    if settings.broker_kind == "rabbitmq":
+        broker = make_rabbit_broker(settings, middleware)
+    else:
+        broker = layout.PrefetchBroker(  # type: ignore[no-untyped-call]
+            client=redis.Redis(connection_pool=broker_pool(settings)),
+            namespace=layout.NAMESPACE,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+            maintenance_chance=MAINTENANCE_CHANCE,
+            middleware=middleware,
+        )
     if broker_id is not None:
         broker.broker_id = broker_id
     holder.broker = broker
@@ -86,12 +98,16 @@ def make_broker(
     return broker, holder, handlers
 
 
-def make_worker(settings: Settings, broker: layout.PrefetchBroker) -> LoopWorker:
+def make_worker(settings: Settings, broker: dramatiq.Broker) -> LoopWorker:
+    factory: Callable[..., ConsumerThread] = Consumer
+    if isinstance(broker, PrefetchRabbitBroker):
+        factory = functools.partial(RabbitConsumer, rehold_ms=settings.broker_rehold_ms)
     return LoopWorker(
         broker,
         queue_prefetch=settings.queue_prefetch,
         delay_prefetch=settings.delay_queue_prefetch,
         worker_timeout=POLL_TIMEOUT_MS,
+        consumer_factory=factory,
     )
 
 
@@ -121,33 +137,42 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
     async with open_runtime(settings, http_limit=http_limit) as runtime:
         holder.runtime = runtime
         worker = make_worker(settings, broker)
-        executor = Executor(
-            broker,
-            worker,
-            queue_client(runtime.redis),
-            handlers,
-            concurrency=settings.job_concurrency,
-            failed_keep=FAILED_KEEP,
-        )
+        queue = queue_client(runtime.redis)
+        settler: RedisSettler | RabbitSettler
+        if isinstance(broker, PrefetchRabbitBroker):
+            settler = RabbitSettler(broker, worker, queue, FAILED_KEEP)
+        else:
+            assert isinstance(broker, layout.PrefetchBroker)
+            settler = RedisSettler(broker, worker, queue, FAILED_KEEP)
+        executor = Executor(broker, worker, settler, handlers, concurrency=settings.job_concurrency)
         broker.emit_after("process_boot")
         worker.start()
         executor.start()
-        reclaimer = Reclaimer(broker_id, queue_client(runtime.redis), worker, executor)
-        sweeping = asyncio.create_task(reclaimer.run(), name="reclaim-stranded")
+        if isinstance(settler, RabbitSettler):
+            settler.start()
+        # Redis broker only: a message whose fetch reply was lost stays in this worker's ack
+        # set; RabbitMQ redelivers by itself what an unacknowledged channel held.
+        sweeping: asyncio.Task[None] | None = None
+        if isinstance(settler, RedisSettler):
+            reclaimer = Reclaimer(broker_id, queue, worker, executor)
+            sweeping = asyncio.create_task(reclaimer.run(), name="reclaim-stranded")
         # Everything alive now (modules, the Runtime) lives as long as the process: keep it
         # out of every future collection, which otherwise rescans it while jobs churn objects.
         gc.freeze()
         log.info("worker %d up (%s), %d jobs in flight", index, broker_id, settings.job_concurrency)
         code = await _watch(worker, stop)
-        sweeping.cancel()  # what the drain hands back is not stranded
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeping
+        if sweeping is not None:
+            sweeping.cancel()  # what the drain hands back is not stranded
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
         log.info("worker %d draining (up to %d ms)", index, settings.prefetch_shutdown_timeout_ms)
         stuck = await executor.drain(settings.prefetch_shutdown_timeout_ms / 1000)
         if stuck:
             log.warning("%d jobs still running at shutdown: handed back to the queue", stuck)
         # Hands back what was fetched but not started, stops and closes the consumers.
         await asyncio.to_thread(worker.stop, STOP_CONSUMERS_MS)
+        if isinstance(settler, RabbitSettler):
+            await settler.close()
     broker.close()
     return code
 

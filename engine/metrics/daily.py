@@ -1,7 +1,7 @@
 """Daily service metrics in Redis (GET /api/prefetch/metrics), batched per process.
 
 Counting on the read path must cost no round trip: each process adds to an in-memory tally
-and a background task folds it into `prefetch:metrics:day:<date>` every second with one
+and a background task folds it into `prefetch:metrics:{m}:day:<date>` every second with one
 pipeline. Durations go into fixed buckets so that every process's share adds up exactly and
 percentiles can be read back for any day.
 """
@@ -17,12 +17,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.broker.jobs import ORIGINS
-from engine.errors import RedisReplyError
 from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.client import RedisClient
+from engine.store.fastredis import Script
 
 log = logging.getLogger(__name__)
+
+_FLUSH = Script.load(__file__, "flush.lua")
 
 # Upper bounds (ms) of the duration buckets; the last bucket is open.
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
@@ -79,27 +81,24 @@ class StatsRecorder:
         prometheus.PREFETCHED_WASTED.labels(origin=origin).inc(count)
 
     async def flush(self) -> None:
-        """Add the tally to today's hash and the lifetime hash, all or nothing (MULTI/EXEC);
-        keep it for the next flush if Redis is down or refuses writes (OOM, LOADING)."""
+        """Add the tally to today's hash and the lifetime hash, all or nothing (one script on
+        one slot, also on a Cluster); keep it for the next flush if Redis is down or refuses
+        writes (OOM, LOADING)."""
         if not self._tally:
             return
         tally, self._tally = self._tally, Counter()
-        day_key = keys.metrics_day(utc_day())
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        pairs: list[Any] = []
         for field, amount in tally.items():
-            commands.append(("HINCRBY", day_key, field, amount))
-            commands.append(("HINCRBY", keys.METRICS_TOTAL, field, amount))
-        commands.append(("EXPIRE", day_key, self._retention_s))
-        commands.append(("EXEC",))
+            pairs += (field, amount)
         try:
-            replies = await self._redis.pipeline(commands)
+            await self._redis.evalsha_or_eval(
+                _FLUSH,
+                [keys.metrics_day(utc_day()), keys.METRICS_TOTAL],
+                [self._retention_s, *pairs],
+            )
         except Exception:
             self._tally.update(tally)  # counted again at the next flush
             raise
-        applied = replies[-1]
-        if not isinstance(applied, list):  # EXECABORT (a command was refused): none applied
-            self._tally.update(tally)
-            raise RedisReplyError(f"metrics flush refused: {applied!r}")
 
     async def _loop(self) -> None:
         while True:

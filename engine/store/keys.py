@@ -19,10 +19,11 @@ group on a Redis Cluster, where a script's keys must share one slot):
   select_active.lua and predict_due.lua (one shard's activity, frequency, profile and
   predictive indexes). Everything else there is a one-key command, in pipelines that the
   cluster client splits by node.
-- On one slot knowingly: `metrics:day:<date>` and `metrics:total`, one small hash each,
-  written by HINCRBY once a second per process and read by the metrics route: a few hundred
-  commands a second even for a large fleet, far below one node's capacity, and a per-day
-  total would otherwise need a fan-out read.
+- On one slot knowingly: the daily metrics hashes `metrics:{m}:day:<date>` and
+  `metrics:{m}:total` share the tag `{m}`, so that each process's flush (flush.lua, once a
+  second) adds to both in one atomic script: a few hundred calls a second even for a large
+  fleet, far below one node's capacity, and a per-day total would otherwise need a fan-out
+  read.
 - On the queue's single node (BROKER_URL), never on the Cluster: Dramatiq's layout, pending
   marks, the failed list and counters, the strategy claims and the scheduler lease. The
   enqueue, settle and retry scripts (engine/broker/*.lua) combine a user's pending mark or the
@@ -79,6 +80,14 @@ def pending_job(user_id: str) -> str:
     return f"{PREFIX}:jobs:pending:{_user(user_id)}"
 
 
+def settled_job(message_id: str, attempt: int) -> str:
+    """Set once the outcome of one delivery of a RabbitMQ message is written (kept briefly):
+    a redelivery after a lost ack finds it and is acknowledged without running again."""
+    return f"{PREFIX}:jobs:settled:{message_id}:{attempt}"
+
+
+# Hash broker id -> what that RabbitMQ worker holds unacknowledged (engine/broker/rabbit_broker).
+QUEUE_GAUGES = f"{PREFIX}:jobs:workers"
 FAILED_JOBS = f"{PREFIX}:jobs:failed"  # list of encoded FailedJob, newest first, at most 50
 JOBS_COMPLETED = f"{PREFIX}:jobs:completed_total"  # lifetime counter
 JOBS_FAILED = f"{PREFIX}:jobs:failed_total"  # lifetime counter
@@ -133,10 +142,10 @@ def strategy_claims(shard: int) -> str:
 
 def metrics_day(day: str) -> str:
     """Hash of counters for one UTC day `YYYY-MM-DD`."""
-    return f"{PREFIX}:metrics:day:{day}"
+    return f"{PREFIX}:metrics:{{m}}:day:{day}"
 
 
-METRICS_TOTAL = f"{PREFIX}:metrics:total"  # hash of lifetime counters
+METRICS_TOTAL = f"{PREFIX}:metrics:{{m}}:total"  # hash of lifetime counters (same slot)
 # The strategy scheduler's lease (value `<fencing token>:<identity>`) and the counter its
 # tokens come from, in the queue DB: the enqueue script checks the lease (jobs.Fence).
 SCHEDULER_LEASE = f"{PREFIX}:scheduler:{{leader}}:lease"

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from engine.broker.jobs import JobQueue
+from engine.broker.backend import open_job_queue
 from engine.metrics.daily import StatsRecorder
 from engine.runtime import queue_client, redis_clients
 from engine.settings import Settings
@@ -32,7 +32,8 @@ async def run_scheduler(
     stats = StatsRecorder(redis["metrics"], settings.metrics_retention_days)
     stats.start()
     lease = Lease(redis["queue"], settings.scheduler_lease_ttl_ms, identity)
-    scheduler = Scheduler(settings, redis, JobQueue(queue_client(redis)), stats)
+    jobs = open_job_queue(settings, queue_client(redis))
+    scheduler = Scheduler(settings, redis, jobs, stats)
     keeper = asyncio.create_task(lease.keep(stop), name="scheduler-lease")
     interval = settings.activity_check_interval_ms / 1000
     poll = min(interval, settings.scheduler_lease_ttl_ms / 4000)
@@ -52,6 +53,7 @@ async def run_scheduler(
     finally:
         stop.set()
         await keeper
+        await jobs.close()
         await stats.stop()
         for client in {id(c): c for c in redis.values()}.values():
             await client.close()
