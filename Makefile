@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick load clean
+.PHONY: run test lint format bench-reads bench-prefetch bench-redis-client bench-tick bench-replay load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-redis-client: $(STAMP)
 
 bench-tick: $(STAMP)  ## the cost of one strategy scheduler tick, 1M tracked users
 	$(BIN)/python -m bench.bench_tick
+
+bench-replay: $(STAMP)  ## the replayed week: hit rate and cost per strategy mix (+ its plot)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.replay
 
 load: $(STAMP)  ## locust against a running service (see loadtests/README.md)
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u 64 -r 16 -t 60s --host http://127.0.0.1:3005

@@ -55,6 +55,7 @@ class Settings:
     predictive_hold_ms: int = 600_000
     predictive_threshold: float = 0.5
     predictive_half_life_ms: int = 14 * 86_400_000
+    predictive_hour_ms: int = 3_600_000
     max_timeline_size: int = 100
     prefetch_timeout_ms: int = 10_000
     prefetch_max_attempts: int = 3
@@ -242,6 +243,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREDICTIVE_HOLD_TIME": ("predictive_hold_ms", _int(0, 86_400_000)),
     "PREDICTIVE_THRESHOLD": ("predictive_threshold", _float(0.01, 1_000.0)),
     "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", _int(3_600_000, 31_536_000_000)),
+    "PREDICTIVE_HOUR": ("predictive_hour_ms", _int(1_000, 3_600_000)),
     "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
     "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
     "PREFETCH_MAX_ATTEMPTS": ("prefetch_max_attempts", _int(1, 20)),
