@@ -37,7 +37,7 @@ import orjson
 
 from bench.common import Services, free_port, service_env, start_sandbox, wait_http
 from bench.replay.population import Population, Read
-from bench.replay.simulation import FLUSH_MS, MIXES, replay_history
+from bench.replay.simulation import FLUSH_MS, MIXES, REDIS_TIMEOUT_S, replay_history
 from bench.replay.tally import Tally
 from engine.broker.jobs import QUEUES
 from engine.settings import Settings, load_settings
@@ -200,10 +200,10 @@ class Driver:
 
 def _clients(url: str) -> dict[str, FastRedis]:
     return {
-        "hot": FastRedis(url, DBS["REDIS_DB_HOT"]),
-        "warm": FastRedis(url, DBS["REDIS_DB_WARM"]),
-        "queue": FastRedis(url, DBS["REDIS_DB_QUEUE"]),
-        "metrics": FastRedis(url, DBS["REDIS_DB_METRICS"]),
+        "hot": FastRedis(url, DBS["REDIS_DB_HOT"], timeout=REDIS_TIMEOUT_S),
+        "warm": FastRedis(url, DBS["REDIS_DB_WARM"], timeout=REDIS_TIMEOUT_S),
+        "queue": FastRedis(url, DBS["REDIS_DB_QUEUE"], timeout=REDIS_TIMEOUT_S),
+        "metrics": FastRedis(url, DBS["REDIS_DB_METRICS"], timeout=REDIS_TIMEOUT_S),
     }
 
 
