@@ -47,7 +47,7 @@ class Settings:
     enable_event_triggered: bool = True
     enable_predictive: bool = False
     activity_check_interval_ms: int = 60_000
-    activity_window_ms: int = 900_000
+    activity_window_ms: int = 300_000  # 15 min refetched after most sessions (tuning.md)
     activity_high_percent: int = 20
     activity_refresh_lead_ms: int = 10_000
     scheduler_lease_ttl_ms: int = 15_000

@@ -12,6 +12,7 @@ hit rate per hour, one line per mix; needs the `bench` extra: matplotlib).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import asdict, fields
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--rt-hours", type=float, default=6.0, help="virtual hours")
     rt.add_argument("--rt-mixes", nargs="+", choices=list(MIXES), default=["read-through", "all"])
     rt.add_argument("--compress", type=float, default=60.0, help="time compression factor")
+    rt.add_argument(
+        "--max-diff",
+        type=float,
+        metavar="POINTS",
+        help="exit 1 if a mix's real app-open hit rate is further than this from the simulation's",
+    )
     parser.add_argument("--no-plot", action="store_true")
     return parser
 
@@ -235,6 +242,9 @@ def main() -> None:
     args = _parser().parse_args()
     import uvloop
 
+    # SIGTERM unwinds like Ctrl-C: the embedded Valkey and the services are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
     payload = uvloop.run(_main(args))
     path = save_result("replay", payload)
     _print(payload)
@@ -247,6 +257,16 @@ def main() -> None:
         )
         print(f"\nplot: {png}" if png else "\nplot: skipped (pip install -e '.[bench]')")
     print(f"full result: {path.relative_to(RESULTS.parent.parent)}")
+    if args.max_diff is not None and "realtime" in payload:
+        worst = max(
+            abs(m["real"]["openHitRate"] - m["simulated"]["openHitRate"]) * 100
+            for m in payload["realtime"]["mixes"].values()
+        )
+        broken = [m for m, v in payload["realtime"]["mixes"].items() if not v["notes"]["alive"]]
+        if worst > args.max_diff or broken:
+            print(f"replay: real and simulated differ by {worst:.1f} points; dead: {broken}")
+            sys.exit(1)
+        print(f"replay: real and simulated agree within {worst:.1f} points")
 
 
 if __name__ == "__main__":

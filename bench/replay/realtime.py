@@ -252,7 +252,7 @@ async def run_mix(
     )
     history_reads = sum(1 for r in population.reads if r.at < anchor_ms)
     # Room to record the history and start the services before the window opens.
-    margin_ms = 20_000 + history_reads // 20
+    margin_ms = 30_000 + history_reads // 5
     start_ms = int(time.time() * 1000) + margin_ms
     real = compress(population, factor, anchor_ms, start_ms)
     end_ms = start_ms + round(window_ms / factor)

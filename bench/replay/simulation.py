@@ -243,6 +243,15 @@ class MixSimulation:
         i, count = 0, len(actions)
         while True:
             barrier = min(next_tick, self.drain_at, end_ms)
+            if (
+                self.progress is not None
+                and min(barrier, actions[i][0] if i < count else barrier) >= next_report
+            ):
+                took = time.perf_counter() - started
+                self.progress(
+                    f"{self.name}: day {(next_report - start_ms) // DAY} done ({took:.0f} s)"
+                )
+                next_report += DAY
             if i < count and actions[i][0] < barrier:
                 action = actions[i][2]
                 i += 1
@@ -267,11 +276,6 @@ class MixSimulation:
             if barrier >= end_ms:
                 break
             self.now = barrier
-            if barrier >= next_report and self.progress is not None:
-                day = (barrier - start_ms) // DAY
-                took = time.perf_counter() - started
-                self.progress(f"{self.name}: day {day} done ({took:.0f} s)")
-                next_report += DAY
             await self._flush_until(barrier)
             if self.drain_at == barrier:
                 await self._drain()
@@ -338,6 +342,8 @@ class MixSimulation:
                 continue
             stored_at = live.get(tier, read.at) - self.settings.ttl_ms(tier)
             self.tally.read(read, True, self.latency.hit_ms, served, newest_post > stored_at)
+        # Flushes due by now need no barrier to happen (a mix without ticks has none).
+        await self._flush_until(batch[-1][0].at)
 
     async def _read(self, user: str, read: Read) -> tuple[str | None, str]:
         """One read at its own virtual time: (tier that served it or None, origin served)."""
