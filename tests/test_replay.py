@@ -26,7 +26,8 @@ from bench.replay.population import (
     generate,
     is_weekend,
 )
-from bench.replay.simulation import Latency, VirtualExpiry, key_shards, simulate
+from bench.replay.simulation import simulate
+from bench.replay.virtual import Latency, VirtualExpiry, key_shards
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis

@@ -22,7 +22,8 @@ from bench.common import RESULTS, machine, save_result
 from bench.replay import report
 from bench.replay.oracle import oracle
 from bench.replay.population import DAY, HOUR, PopulationSpec, generate
-from bench.replay.simulation import MIXES, key_shards, progress_printer, simulate
+from bench.replay.simulation import MIXES, progress_printer, simulate
+from bench.replay.virtual import key_shards
 from engine.errors import ConfigError
 from engine.settings import Settings, load_settings
 

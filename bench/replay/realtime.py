@@ -37,8 +37,9 @@ import orjson
 
 from bench.common import Services, free_port, service_env, start_sandbox, wait_http
 from bench.replay.population import Population, Read
-from bench.replay.simulation import FLUSH_MS, MIXES, REDIS_TIMEOUT_S, replay_history
+from bench.replay.simulation import FLUSH_MS, MIXES, replay_history
 from bench.replay.tally import Tally
+from bench.replay.virtual import REDIS_TIMEOUT_S
 from engine.broker.jobs import QUEUES
 from engine.settings import Settings, load_settings
 from engine.store import keys

@@ -4,8 +4,7 @@ Each strategy mix runs against a real Redis (one DB per mix, every role in it), 
 virtual clock that jumps from one thing to do to the next. What runs is production code:
 
 - reads: `TimelineCache.read` (hot, then warm), and on a miss `Prefetcher.read_through`
-  (fetch, store in warm); latency is the measured time of those calls plus a modelled
-  upstream latency on a miss;
+  (fetch, store in warm); latency is modelled (virtual.calibrate);
 - the API's activity flush, once a virtual second: `record_activity` (activity index,
   sessions, the predictive profile) and `usefulness.count_reads`, as `api.activity` does;
 - the leader's tick every ACTIVITY_CHECK_INTERVAL: `Scheduler.tick(now_ms)`, which selects,
@@ -20,23 +19,22 @@ virtual clock that jumps from one thing to do to the next. What runs is producti
 Redis TTLs run in real time, which the virtual clock outruns by far: an entry stored an hour
 ago in virtual time may still exist. Every decision that reads coverage reads the expiry
 index (scores written with the virtual clock), and before any production call that looks at
-a user's keys (a read, a job, an event) `VirtualExpiry` deletes the entries whose virtual
-expiry has passed (expire.lua), which is what Redis's own expiry would have done by then.
+a user's keys (a read, a job, an event) `virtual.VirtualExpiry` deletes the entries whose
+virtual expiry has passed, which is what Redis's own expiry would have done by then.
 
 Key shards: `keys.SHARDS` is 1,024 in production; a tick visits every shard's indexes, so a
 simulated week of 10,080 ticks at 1,024 shards would spend most of its time in empty shards.
-The simulation sets it to `shards` (16 by default) for its process: the same scripts and the
-same selection, with more users per shard (tests/test_replay.py checks that the counters are
-the same at both counts).
+The CLI runs the simulation under `virtual.key_shards(16)`: the same scripts and the same
+selection, with more users per shard (tests/test_replay.py checks that the counters are the
+same at both counts).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,7 +42,13 @@ import dramatiq
 
 from bench.replay.population import DAY, Population, Read
 from bench.replay.tally import Tally
-from engine import wire
+from bench.replay.virtual import (
+    REDIS_TIMEOUT_S,
+    Latency,
+    SimUpstream,
+    VirtualExpiry,
+    calibrate,
+)
 from engine.broker.actors import run_batch, run_job
 from engine.broker.jobs import QUEUES, JobQueue
 from engine.metrics.daily import StatsRecorder, read_day
@@ -53,13 +57,11 @@ from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.cache import TimelineCache
-from engine.store.fastredis import Arg, FastRedis, Script
+from engine.store.fastredis import FastRedis
 from engine.strategies.activity import record_activity
 from engine.strategies.events import refresh_or_invalidate
 from engine.strategies.scheduler import Scheduler
-from engine.strategies.shards import eval_many
 from engine.strategies.usefulness import count_reads
-from sandbox.posts import generate_posts
 
 # The strategy mixes compared: (activity-based, event-triggered, predictive).
 MIXES: dict[str, tuple[bool, bool, bool]] = {
@@ -70,11 +72,7 @@ MIXES: dict[str, tuple[bool, bool, bool]] = {
     "all": (True, True, True),
 }
 FLUSH_MS = 1_000  # the API's activity flush interval (api.activity.ActivityBatcher)
-POSTS_PER_ENTRY = 5  # small bodies: the simulation measures policy, not bytes
-_EXPIRE = Script.load(__file__, "expire.lua")
 _NEVER = 2**62
-# A batch job on a shared machine: a slow answer is waited for, not a failure.
-REDIS_TIMEOUT_S = 120.0
 
 
 def mix_settings(base: Settings, mix: str) -> Settings:
@@ -85,61 +83,6 @@ def mix_settings(base: Settings, mix: str) -> Settings:
         enable_event_triggered=events,
         enable_predictive=predictive,
     )
-
-
-@contextlib.contextmanager
-def key_shards(count: int) -> Iterator[None]:
-    """Run with `count` key shards instead of keys.SHARDS (see the module docstring)."""
-    saved = keys.SHARDS
-    keys.SHARDS = count
-    try:
-        yield
-    finally:
-        keys.SHARDS = saved
-
-
-class SimUpstream:
-    """The timeline service of the simulation: answers at once and counts its fetches."""
-
-    def __init__(self) -> None:
-        self.fetches = 0
-        self._posts: dict[str, list[wire.Post]] = {}
-
-    async def fetch(self, user_id: str) -> list[wire.Post]:
-        """The user's posts (the same every time)."""
-        self.fetches += 1
-        posts = self._posts.get(user_id)
-        if posts is None:
-            posts = self._posts[user_id] = generate_posts(user_id, POSTS_PER_ENTRY)
-        return posts
-
-
-class VirtualExpiry:
-    """Deletes entries whose virtual expiry has passed, before anything looks at them."""
-
-    def __init__(self, redis: Mapping[str, FastRedis]) -> None:
-        self._redis = redis
-
-    async def apply(self, users: list[tuple[str, int]]) -> list[dict[str, float]]:
-        """Expire the dead entries of (user, at) pairs; each live entry's expiry by tier."""
-        out: list[dict[str, float]] = [{} for _ in users]
-
-        async def tier(name: str) -> None:
-            calls: list[tuple[list[str], list[Arg]]] = [
-                (
-                    [keys.timeline(name, user), keys.expiry_index(name, keys.shard_of(user))],
-                    [at, user],
-                )
-                for user, at in users
-            ]
-            replies = await eval_many(self._redis[name], _EXPIRE, calls)
-            for live, reply in zip(out, replies, strict=True):
-                if reply is not None:
-                    live[name] = float(reply)
-
-        if users:
-            await asyncio.gather(*(tier(name) for name in keys.TIERS))
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,15 +98,6 @@ class _Flush:
     at: int
     users: set[str]
     served: dict[str, set[str]]
-
-
-@dataclass(frozen=True, slots=True)
-class Latency:
-    """Modelled read latencies (ms): the simulation runs reads concurrently, so it does not
-    time them one by one; `calibrate` measures one hit and one read-through on this Redis."""
-
-    hit_ms: float = 0.2
-    miss_ms: float = 50.2
 
 
 class MixSimulation:
@@ -411,26 +345,6 @@ class MixSimulation:
                 await run_job(self.runtime, priority, *message.args, **message.kwargs)
 
         await asyncio.gather(*(run(m) for m in messages))
-
-
-async def calibrate(settings: Settings, redis: FastRedis, upstream_ms: float) -> Latency:
-    """Median time of one cache hit and of one read-through (plus `upstream_ms`) here."""
-    roles = {"hot": redis, "warm": redis, "queue": redis, "metrics": redis}
-    cache = TimelineCache(settings, roles["hot"], roles["warm"])
-    stats = StatsRecorder(redis, settings.metrics_retention_days)
-    prefetcher = Prefetcher(cache, cast(Any, SimUpstream()), stats)
-    misses: list[float] = []
-    for i in range(50):
-        started = time.perf_counter()
-        await prefetcher.read_through(f"00000000-ca11-4000-8000-{i:012d}")
-        misses.append(time.perf_counter() - started)
-    hits: list[float] = []
-    for _ in range(200):
-        started = time.perf_counter()
-        await cache.read("00000000-ca11-4000-8000-000000000000")
-        hits.append(time.perf_counter() - started)
-    hit_ms = sorted(hits)[len(hits) // 2] * 1000
-    return Latency(hit_ms, hit_ms + sorted(misses)[len(misses) // 2] * 1000 + upstream_ms)
 
 
 async def replay_history(
