@@ -36,12 +36,12 @@ import aiohttp
 import orjson
 
 from bench.common import Services, free_port, service_env, start_sandbox, wait_http
-from bench.replay.population import Population, Read
+from bench.replay.population import Population, Read, compress
 from bench.replay.simulation import FLUSH_MS, MIXES, replay_history
 from bench.replay.tally import Tally
 from bench.replay.virtual import REDIS_TIMEOUT_S
 from engine.broker.jobs import QUEUES
-from engine.settings import Settings, load_settings
+from engine.settings import load_settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
 from engine.strategies.leader import Lease
@@ -240,8 +240,6 @@ async def run_mix(
     Returns the tally, the compressed population it ran on, the window's real start, and
     notes (lateness of the driver, errors).
     """
-    from bench.replay.population import compress
-
     clients = _clients(redis_url)
     for client in {id(c): c for c in clients.values()}.values():
         await client.execute("FLUSHDB")
@@ -271,7 +269,7 @@ async def run_mix(
     port = free_port()
     service = service_env(
         redis_url,
-        **{k: v for k, v in env.items()},
+        **env,
         **upstreams,
         PREFETCH_SERVICE_PORT=port,
         PREFETCH_SERVICE_HOST="127.0.0.1",
@@ -350,8 +348,3 @@ async def realtime(
                 progress,
             )
     return out
-
-
-def settings_of(env: dict[str, str], redis_url: str) -> Settings:
-    """The Settings an env describes, on `redis_url`."""
-    return load_settings({**env, "REDIS_URL": redis_url})
