@@ -17,9 +17,9 @@ from bench.replay.population import HOUR, MINUTE, Population, Read
 
 # Kinds of app open, to tell what limits the hit rate.
 KINDS = (
-    "habit, |jitter| < 10 min",
-    "habit, 10-30 min",
-    "habit, > 30 min",
+    "habit, jitter under 10 min",
+    "habit, jitter 10-30 min",
+    "habit, jitter over 30 min",
     "off-habit",
     "joined this week",
 )
