@@ -12,9 +12,11 @@ hit rate per hour, one line per mix; needs the `bench` extra: matplotlib).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -239,14 +241,22 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+async def _stoppable(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run `work`; SIGTERM cancels it, so that the embedded Valkey and the services are
+    stopped on the way out (as on Ctrl-C)."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await task
+
+
 def main() -> None:
     args = _parser().parse_args()
     import uvloop
 
-    # SIGTERM unwinds like Ctrl-C: the embedded Valkey and the services are stopped.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-    payload = uvloop.run(_main(args))
+    try:
+        payload = uvloop.run(_stoppable(_main(args)))
+    except asyncio.CancelledError:
+        sys.exit(128 + signal.SIGTERM)
     path = save_result("replay", payload)
     _print(payload)
     if "simulation" in payload and not args.no_plot:
