@@ -15,7 +15,7 @@ MAX_ERROR_RATE ?= 0.01
 IMAGE ?= exprsn-prefetch:e2e
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
 
-.PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
+.PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-replay bench-api-memory \
 	load sizing deploy-lint docker-e2e clean
 
 $(STAMP): pyproject.toml
@@ -66,6 +66,10 @@ bench-redis-client: $(STAMP)  ## GET of a 9.6 KB entry: FastRedis, redis-py, gli
 
 bench-tick: $(STAMP)  ## the cost of one strategy scheduler tick, 1M tracked users
 	$(BIN)/python -m bench.bench_tick
+
+bench-replay: $(STAMP)  ## the replayed week: hit rate and cost per strategy mix (+ its plot)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.replay
 
 bench-api-memory: $(STAMP)  ## API RSS under 20,000 distinct tokens and users
 	$(BIN)/python -m bench.bench_api_memory

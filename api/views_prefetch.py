@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from api import validation
-from api.activity import ActivityBatcher
 from api.appkeys import ACTIVITY, AUTH, RUNTIME, SETTINGS
 from api.responses import iso_now, success
 from engine.errors import BadRequest
 from engine.metrics import daily
-from engine.runtime import Runtime
-from engine.strategies.activity import active_since
+from engine.store.cache import wall_clock_ms
+from engine.strategies.events import EVENT_TYPES, refresh_or_invalidate
 from engine.strategies.leader import leader_status
-
-EVENT_TYPES = frozenset(
-    {"post.created", "post.updated", "post.deleted", "follow.created", "follow.deleted"}
-)
 
 
 async def _authorize(request: web.Request, permission: str, user: str | None = None) -> None:
@@ -134,19 +127,6 @@ def _event_users(body: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(validation.user_id(user) for user in affected))
 
 
-async def _wanted(runtime: Runtime, batcher: ActivityBatcher, users: list[str]) -> list[bool]:
-    """For each user: is there an entry in either tier, or was the user active lately?"""
-    since_ms = time.time() * 1000 - runtime.settings.activity_window_ms
-    cached, active = await asyncio.gather(
-        asyncio.gather(*(runtime.cache.exists(user) for user in users)),
-        active_since(runtime.redis["metrics"], users, int(since_ms)),
-    )
-    return [
-        has_entry or is_active or batcher.is_pending(user)
-        for user, has_entry, is_active in zip(users, cached, active, strict=True)
-    ]
-
-
 async def events(request: web.Request) -> web.Response:
     """POST /api/prefetch/events: refresh wanted timelines (forced, high), drop the others.
 
@@ -161,14 +141,16 @@ async def events(request: web.Request) -> web.Response:
     if not users:
         return success({"refreshed": 0, "invalidated": 0}, 202)
     runtime = request.app[RUNTIME]
-    wanted = await _wanted(runtime, request.app[ACTIVITY], users)
-    refresh = [user for user, want in zip(users, wanted, strict=True) if want]
-    drop = [user for user, want in zip(users, wanted, strict=True) if not want]
-    await asyncio.gather(
-        *(runtime.jobs.schedule(user, "high", origin="event", force=True) for user in refresh),
-        *(runtime.cache.invalidate(user) for user in drop),
+    outcome = await refresh_or_invalidate(
+        runtime.cache,
+        runtime.jobs,
+        runtime.redis["metrics"],
+        runtime.settings,
+        users,
+        wall_clock_ms(),
+        request.app[ACTIVITY].is_pending,
     )
-    return success({"refreshed": len(refresh), "invalidated": len(drop)}, 202)
+    return success({"refreshed": outcome.refreshed, "invalidated": outcome.invalidated}, 202)
 
 
 ROUTES = [

@@ -55,7 +55,7 @@ class Settings:
     enable_event_triggered: bool = True
     enable_predictive: bool = False
     activity_check_interval_ms: int = 60_000
-    activity_window_ms: int = 900_000
+    activity_window_ms: int = 300_000  # 15 min refetched after most sessions (tuning.md)
     activity_high_percent: int = 20
     activity_refresh_lead_ms: int = 10_000
     scheduler_lease_ttl_ms: int = 15_000
@@ -63,6 +63,7 @@ class Settings:
     predictive_hold_ms: int = 600_000
     predictive_threshold: float = 0.5
     predictive_half_life_ms: int = 14 * 86_400_000
+    predictive_hour_ms: int = 3_600_000
     max_timeline_size: int = 100
     prefetch_timeout_ms: int = 10_000
     job_deadline_ms: int = 0  # 0: derived from prefetch_timeout_ms (see job_deadline_s)
@@ -300,6 +301,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREDICTIVE_HOLD_TIME": ("predictive_hold_ms", _int(0, 86_400_000)),
     "PREDICTIVE_THRESHOLD": ("predictive_threshold", _float(0.01, 1_000.0)),
     "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", _int(3_600_000, 31_536_000_000)),
+    "PREDICTIVE_HOUR": ("predictive_hour_ms", _int(1_000, 3_600_000)),
     "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
     "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
     "PREFETCH_JOB_DEADLINE": ("job_deadline_ms", _int(0, 3_600_000)),

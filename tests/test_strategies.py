@@ -15,6 +15,7 @@ from engine.store import keys
 from engine.store.cache import TimelineCache, wall_clock_ms
 from engine.store.fastredis import FastRedis
 from engine.strategies.activity import Candidate, record_activity, split_by_rank
+from engine.strategies.events import refresh_or_invalidate
 from engine.strategies.leader import Lease, leader_status
 from engine.strategies.runner import run_scheduler
 from engine.strategies.scheduler import Scheduler
@@ -282,3 +283,71 @@ async def test_an_entry_stored_after_the_claim_ends_it(
     assert report.selected == {"activity": 1}
     batches = [b for b in await queued_batches(redis_roles["queue"]) if b.force]
     assert [b.users for b in batches] == [[user]]
+
+
+async def test_a_habit_is_predicted_the_same_way_with_time_compressed_sixty_times(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    # The replay's real-time run divides every time setting by its factor, the profile's
+    # hour (PREDICTIVE_HOUR) included: the eighth-day prediction must scale with it.
+    k = 60
+    s = settings.with_overrides(
+        enable_activity_based=True,
+        enable_predictive=True,
+        activity_check_interval_ms=MINUTE // k,
+        activity_window_ms=15 * MINUTE // k,
+        activity_refresh_lead_ms=10_000 // k,
+        predictive_lead_ms=10 * MINUTE // k,
+        predictive_hold_ms=10 * MINUTE // k,
+        predictive_half_life_ms=14 * DAY // k,
+        predictive_hour_ms=HOUR // k,
+    )
+    week = 168 * HOUR // k
+    day0 = (DAY0 // week) * week  # a compressed week starts on a compressed Monday 00:00
+    habit = new_user()
+    metrics = redis_roles["metrics"]
+    for day in range(7):
+        opened = day0 + (day * DAY + 8 * HOUR + [-4, 3, 0, 5, -2, 1, -3][day] * MINUTE) // k
+        await record_activity(metrics, s, [habit], opened)
+    scheduler = scheduler_for(s, redis_roles)
+    first_pick: int | None = None
+    for minute in range(7 * 60, 8 * 60 + 1):
+        report = await scheduler.tick(day0 + (7 * DAY + minute * MINUTE) // k)
+        if report.selected.get("predictive"):
+            first_pick = minute
+            break
+    assert first_pick is not None and 7 * 60 + 40 <= first_pick < 8 * 60
+
+
+async def test_an_event_refreshes_wanted_users_and_invalidates_the_rest_at_a_given_time(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    s = activity_settings(settings)
+    now = DAY0 + 10 * HOUR  # virtual: the decision reads no clock of its own
+    cached, active, pending, idle, gone = (new_user() for _ in range(5))
+    await store_at(s, redis_roles, cached, "warm", now - MINUTE)
+    await store_at(s, redis_roles, gone, "warm", now - DAY)  # no longer wanted by the index
+    await redis_roles["warm"].execute("DEL", keys.timeline("warm", gone))  # expired
+    metrics = redis_roles["metrics"]
+    await record_activity(metrics, s, [active], now - s.activity_window_ms + 1)
+    await record_activity(metrics, s, [idle], now - s.activity_window_ms - 1)
+    cache = TimelineCache(s, redis_roles["hot"], redis_roles["warm"], clock=lambda: now)
+    outcome = await refresh_or_invalidate(
+        cache,
+        JobQueue(redis_roles["queue"]),
+        metrics,
+        s,
+        [cached, active, pending, idle, gone],
+        now,
+        {pending}.__contains__,
+    )
+    assert (outcome.refreshed, outcome.invalidated) == (3, 2)
+    chosen = queued_users(await queued_batches(redis_roles["queue"]))
+    assert set(chosen) == {cached, active, pending}
+    assert all(
+        b.origin == "event" and b.force and b.actor == "prefetch_high" for b in chosen.values()
+    )
+    # The old entry stays until the refresh lands; the others' generations moved.
+    assert await redis_roles["warm"].execute("EXISTS", keys.timeline("warm", cached)) == 1
+    for user in (idle, gone):
+        assert await redis_roles["warm"].execute("GET", keys.generation("warm", user)) == b"1"

@@ -94,6 +94,7 @@ async def record_activity(
         settings.predictive_half_life_ms,
         settings.predictive_threshold,
         settings.predictive_lead_ms,
+        settings.predictive_hour_ms,
     ]
     calls = [
         (

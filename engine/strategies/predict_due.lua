@@ -1,5 +1,6 @@
 -- KEYS: predictive index, profile hash (one shard).
--- ARGV: now (epoch ms), horizon (epoch ms), lead ms, hold ms, half-life ms, threshold.
+-- ARGV: now (epoch ms), horizon (epoch ms), lead ms, hold ms, half-life ms, threshold,
+--       hour ms.
 -- For each user whose index time is at or before the horizon, recomputes the predicted open
 -- from the profile (one up to `hold` ago still counts): inside [open - lead, open + hold] and
 -- before the horizon the user is wanted now (replied, kept due); a later one is re-indexed
@@ -10,6 +11,7 @@ local lead = tonumber(ARGV[3])
 local hold = tonumber(ARGV[4])
 local half_life = tonumber(ARGV[5])
 local threshold = tonumber(ARGV[6])
+set_hour(tonumber(ARGV[7]))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon)
 local wanted = {}
 for _, user in ipairs(due) do

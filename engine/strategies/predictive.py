@@ -46,6 +46,7 @@ class PredictiveStrategy:
             s.predictive_hold_ms,
             s.predictive_half_life_ms,
             s.predictive_threshold,
+            s.predictive_hour_ms,
         ]
         replies = await eval_many(
             self._metrics,

@@ -3,9 +3,18 @@
 -- by ';': bucket is the hour of the week (0-167, weeks counted from the epoch, UTC), weight
 -- the app opens seen in that hour, each halved every half-life since it was seen, and mean
 -- minute the weighted mean minute of the hour at which they happened.
+-- An hour is PREDICTIVE_HOUR ms (one hour; a replay that compresses time shortens it), a
+-- minute a sixtieth of it and a week 168 of them: each script calls set_hour first.
 local HOUR = 3600000
+local MINUTE = HOUR / 60
 local WEEK = 168 * HOUR
 local MAX_BUCKETS = 24
+
+local function set_hour(ms)
+  HOUR = ms
+  MINUTE = ms / 60
+  WEEK = 168 * ms
+end
 
 local function decode(packed)
   local list = {}
@@ -25,14 +34,14 @@ local function encode(list)
 end
 
 local function weight_at(e, at, half_life)
-  return e[2] * math.pow(0.5, (at - e[3] * 60000) / half_life)
+  return e[2] * math.pow(0.5, (at - e[3] * MINUTE) / half_life)
 end
 
 -- One app open at `now`: its bucket gains a weight of 1 and pulls the mean minute.
 local function observe(list, now, half_life)
   local bucket = math.floor((now % WEEK) / HOUR)
-  local minute = (now % HOUR) / 60000
-  local stamp = math.floor(now / 60000)
+  local minute = (now % HOUR) / MINUTE
+  local stamp = math.floor(now / MINUTE)
   local found = false
   for _, e in ipairs(list) do
     if e[1] == bucket then
@@ -60,7 +69,7 @@ local function next_open(list, after, half_life, threshold)
   local best = nil
   local week_start = math.floor(after / WEEK) * WEEK
   for _, e in ipairs(list) do
-    local at = week_start + e[1] * HOUR + math.floor(e[4] * 60000)
+    local at = week_start + e[1] * HOUR + math.floor(e[4] * MINUTE)
     if at <= after then at = at + WEEK end
     if weight_at(e, at, half_life) >= threshold and (best == nil or at < best) then
       best = at

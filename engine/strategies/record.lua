@@ -1,6 +1,6 @@
 -- KEYS: activity index, frequency hash, profile hash, predictive index (one shard).
 -- ARGV: now (epoch ms), activity window ms, predictive (1/0), half-life ms, threshold,
---       lead ms, then the users seen active in this flush.
+--       lead ms, hour ms, then the users seen active in this flush.
 -- A user idle for a whole window (or never seen) is opening the app: a new session begins,
 -- its frequency restarts at 1 and, with predictive on, its profile learns the open and the
 -- predictive index gets its next predicted open. Replies the number of app opens.
@@ -10,8 +10,9 @@ local predictive = ARGV[3] == '1'
 local half_life = tonumber(ARGV[4])
 local threshold = tonumber(ARGV[5])
 local lead = tonumber(ARGV[6])
+set_hour(tonumber(ARGV[7]))
 local opens = 0
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local user = ARGV[i]
   local prev = redis.call('ZSCORE', KEYS[1], user)
   redis.call('ZADD', KEYS[1], 'GT', now, user)
