@@ -162,6 +162,14 @@ class UpstreamAuthError(UpstreamError):
     """The timeline service refused our service token."""
 
 
+class Busy(PrefetchError):
+    """The service cannot take this now (a buffer is full); the client may retry."""
+
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+    public = "Service busy; retry later"
+
+
 class RedisUnavailable(PrefetchError):
     """Redis cannot be reached."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.metrics.daily import utc_day
+from engine.metrics.daily import BUCKETS_MS, utc_day
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
@@ -44,6 +44,10 @@ async def test_metrics_count_hits_misses_and_prefetches(api: ApiClient) -> None:
     prefetch = data["prefetch"]
     assert prefetch["totalJobs"] == 2 and prefetch["successful"] == 2 and prefetch["failed"] == 0
     assert isinstance(prefetch["avgDuration"], int)
+    # Percentiles are read off fixed buckets, and say so.
+    assert prefetch["percentilesAre"] == "bucketUpperBoundsMs"
+    assert {prefetch["p50"], prefetch["p95"], prefetch["p99"]} <= set(BUCKETS_MS)
+    assert prefetch["p50"] <= prefetch["p95"] <= prefetch["p99"]
     assert ISO_UTC.match(data["timestamp"])
 
     today = await _metrics(api, f"/{utc_day()}")
