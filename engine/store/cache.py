@@ -38,8 +38,8 @@ _FNAME = 0x08
 _STAMPED_GZIP = GZIP_MAGIC + b"\x08" + bytes([_FNAME])
 _TAG = slice(0, 16)
 _EXPIRES = slice(17, 30)
-_GZIP_TAG = slice(_GZIP_HEAD, _GZIP_HEAD + 16)
-_GZIP_EXPIRES = slice(_GZIP_HEAD + 17, _GZIP_HEAD + STAMP_BYTES)
+GZIP_TAG = slice(_GZIP_HEAD, _GZIP_HEAD + 16)
+GZIP_EXPIRES = slice(_GZIP_HEAD + 17, _GZIP_HEAD + STAMP_BYTES)
 # Generations outlive any fetch by far; expiring them keeps idle users from costing memory.
 GENERATION_TTL_MS = 3_600_000
 
@@ -125,8 +125,8 @@ def unstamp(stored: bytes) -> Stamp:
     """The parts of a stored entry (see `Stamp`)."""
     if stored[:2] == GZIP_MAGIC:
         if stored[3] == _FNAME and len(stored) > _GZIP_HEAD + STAMP_BYTES:
-            tag = stored[_GZIP_TAG].decode("ascii")
-            return Stamp(stored, True, tag, int(stored[_GZIP_EXPIRES]))
+            tag = stored[GZIP_TAG].decode("ascii")
+            return Stamp(stored, True, tag, int(stored[GZIP_EXPIRES]))
         return Stamp(stored, True, None, 0)
     if len(stored) > STAMP_BYTES and stored[STAMP_BYTES] == 0 and stored[:1] != b"{":
         tag = stored[_TAG].decode("ascii")
