@@ -139,6 +139,17 @@ def check_raw(payload: bytes, status: int, headers: Mapping[str, str], body: byt
         check_unrouted(status, headers, body, repr(line[:40]))
 
 
+def check_raw_answer(payload: bytes, answer: bytes) -> None:
+    """A whole HTTP/1.1 answer read off a socket until close (status line, headers, body)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip()] = value.strip()
+    check_raw(payload, int(lines[0].split(" ")[1]), headers, body)
+
+
 def _explain(exc: BaseException) -> str:
     """openapi-core's error with the schema errors under it."""
     lines = [f"{type(exc).__name__}: {exc}"]
