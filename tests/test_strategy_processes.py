@@ -133,7 +133,8 @@ async def test_activity_from_reads_and_reports_is_cached_within_two_ticks(
             assert await engine.fetches(uid) == 1
         status = (await api.call("GET", "/api/prefetch/queue/stats")).body["data"]
         assert status["scheduler"]["leader"] is not None
-        assert status["scheduler"]["lastTick"]["enqueued.activity"] >= 0
+        # The latest tick may have found everyone covered: it reports no enqueued.activity.
+        assert status["scheduler"]["lastTick"]["batches"] >= 0
         health = (await api.call("GET", "/health", token=None)).body["checks"]["scheduler"]
         assert health["status"] == "leading" and health["lastTick"]["ageMs"] >= 0
 
