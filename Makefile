@@ -14,9 +14,11 @@ P99_MS ?= 100
 MAX_ERROR_RATE ?= 0.01
 IMAGE ?= exprsn-prefetch:e2e
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
+FUZZ_STAMP := $(VENV)/.fuzz-stamp
+FUZZ_EXAMPLES ?= 30
 
 .PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-replay bench-api-memory \
-	load sizing deploy-lint docker-e2e clean
+	load sizing deploy-lint docker-e2e fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +91,13 @@ $(DEPLOY_STAMP): $(STAMP) pyproject.toml
 deploy-lint: $(DEPLOY_STAMP)  ## hadolint the Dockerfile, validate every Kubernetes manifest
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python deploy/k8s/validate.py --self-test
+
+$(FUZZ_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,fuzz]'
+	touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)  ## schemathesis against a running `prefetch dev`: service and user tokens
+	$(BIN)/python -m tests.fuzz_api --examples $(FUZZ_EXAMPLES)
 
 docker-e2e: $(STAMP)  ## build the image and run api, worker and sandbox containers end to end
 	$(BIN)/python deploy/docker/e2e.py --image $(IMAGE)

@@ -1,4 +1,4 @@
-"""The HTTP API of exprsn-prefetch (SPEC.md section 4): cached reads, prefetch control, health."""
+"""The HTTP API of exprsn-prefetch (api/openapi.yaml): cached reads, prefetch control, health."""
 
 from api.app import create_app
 

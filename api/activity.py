@@ -5,6 +5,12 @@ that served it); a background task hands the sets to the strategies once a secon
 script per key shard records the users in the sharded activity indexes (and app opens in the
 predictive profile), and one per shard and tier counts the hits that used a prefetched entry
 (engine.strategies.usefulness). Recording therefore costs no round trip per read.
+
+What `POST /api/activity`'s 202 promises: the users are held in this process's buffer and
+will be written within about a second, because the last write to Redis landed. While the
+last flush failed (Redis down, or refusing writes: out of memory, read-only), the route
+answers 503 with that failure's code instead, and the flush loop keeps probing Redis with
+a write so that the route accepts again as soon as Redis does.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
+from engine.errors import Busy, RedisRefused, RedisUnavailable
 from engine.runtime import Runtime
+from engine.store import keys
 from engine.store.cache import wall_clock_ms
 from engine.strategies.activity import record_activity
 from engine.strategies.usefulness import count_reads
@@ -24,6 +32,8 @@ log = logging.getLogger(__name__)
 # While Redis is down pending ids are kept; past this many, new ones are dropped (the set
 # only grows with distinct users, but a long outage must not grow it without bound).
 MAX_PENDING = 200_000
+# The probe write made while recording fails and nothing is pending (see `_loop`).
+PROBE_TTL_MS = 60_000
 
 
 class ActivityBatcher:
@@ -35,6 +45,28 @@ class ActivityBatcher:
         self._pending: set[str] = set()
         self._served: dict[str, set[str]] = {"hot": set(), "warm": set()}
         self._task: asyncio.Task[None] | None = None
+        self._failure: RedisUnavailable | None = None
+
+    @property
+    def failure(self) -> RedisUnavailable | None:
+        """Why the last write to Redis failed; None while writes land."""
+        return self._failure
+
+    def accept(self, user_ids: Iterable[str]) -> int:
+        """Take users reported active (POST /api/activity), all or none; return how many
+        distinct ids were given. Raises the last flush's failure (503 REDIS_UNAVAILABLE or
+        REDIS_REFUSED) while Redis takes no writes, and Busy (503) when the buffer is full."""
+        failure = self._failure
+        if failure is not None:
+            # A new exception each time: raising one instance again would grow its traceback.
+            if isinstance(failure, RedisRefused):
+                raise RedisRefused(str(failure), failure.kind)
+            raise RedisUnavailable(str(failure))
+        distinct = set(user_ids)
+        if len(self._pending) + len(distinct) > MAX_PENDING:
+            raise Busy("activity buffer full", public="Too much activity pending; retry later")
+        self._pending |= distinct
+        return len(distinct)
 
     def add(self, user_id: str, tier: str | None = None) -> None:
         """Note one user as active now; `tier`: a cache hit in that tier served it."""
@@ -71,19 +103,41 @@ class ActivityBatcher:
                 ),
                 count_reads(runtime.redis, served, runtime.stats),
             )
-        except Exception:
+        except Exception as exc:
             # Recording again is harmless (a later time, one more count). Hits are offered
             # again too: a mark cleared (and counted) already is not found a second time.
             self.add_many(users)
             for tier, hit in served.items():
                 self._served[tier] |= hit
+            self._failed(exc)
             raise
+        self._failure = None
+
+    async def _probe(self) -> None:
+        """A write to the metrics DB, to learn when Redis takes writes again."""
+        try:
+            await self._runtime.redis["background"].execute(
+                "SET", keys.HEALTH_PROBE, "1", "PX", PROBE_TTL_MS
+            )
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        self._failure = None
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, RedisUnavailable):  # RedisRefused too
+            self._failure = exc
+        else:
+            self._failure = RedisUnavailable(f"activity flush failed: {exc!r}")
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self.flush()
+                if self._failure is not None and not self._pending:
+                    await self._probe()
+                else:
+                    await self.flush()
             except Exception as exc:  # Redis down: keep the ids, try again next interval
                 log.debug("activity flush failed: %r", exc)
 

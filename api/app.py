@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import views_cache, views_health, views_prefetch
+from api import contract, views_cache, views_health, views_prefetch
 from api.activity import ActivityBatcher
 from api.appkeys import ACTIVITY, AUTH, CACHE_COUNTS, ERROR_LOG, RUNTIME, SETTINGS, STARTED_AT
 from api.auth import Authenticator
@@ -57,10 +57,12 @@ def setup_activity(app: web.Application) -> None:
 
 
 def setup_routes(app: web.Application) -> None:
-    """Every route of SPEC section 4; within a module, more specific paths come first."""
+    """Every route of the contract (api/openapi.yaml); within a module, more specific paths
+    come first."""
     app.router.add_routes(views_cache.ROUTES)
     app.router.add_routes(views_prefetch.ROUTES)
     app.router.add_routes(views_health.ROUTES)
+    app.router.add_routes(contract.ROUTES)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -38,6 +38,8 @@ _TOKEN: Final = re.compile(r"[\x21-\x7e]+", re.ASCII)
 _UUID: Final = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII
 )
+# Routes without a {userId} (queue, metrics, activity, events) are for services only.
+USER_TOKEN_REFUSED: Final = "User tokens may not use this route; use a service token"
 # The CA's reason is quoted to the client only when it looks like a code.
 _REASON: Final = re.compile(r"[A-Z][A-Z0-9_]{0,63}", re.ASCII)
 
@@ -148,6 +150,8 @@ class Authenticator:
                 f"Token lacks the {permission} permission", code="INSUFFICIENT_PERMISSIONS"
             )
         if grant.user_id is not None and grant.user_id != user_id:
+            if user_id is None:
+                raise Forbidden(USER_TOKEN_REFUSED, code="ACCESS_DENIED")
             raise Forbidden("A user token may only access its own user", code="ACCESS_DENIED")
         return grant
 

@@ -5,7 +5,7 @@ the error path must set the request id too. Errors raised on purpose (`PrefetchE
 their status and code; a client sees their `public_message`, never a host, port or parser
 detail, and a dependency failure (5xx) is logged in one line with the request id and those
 details (rate-limited per code: an outage fails many requests alike). aiohttp's own HTTP
-errors (unknown route, wrong method, body too large) are mapped to the SPEC's codes;
+errors (unknown route, wrong method, body too large) are mapped to the contract's codes;
 anything else is logged with the request id and its traceback, and answered 500 without
 internals. What aiohttp answers before a request reaches the app (malformed HTTP) is
 api.server's business.

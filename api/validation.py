@@ -1,6 +1,7 @@
 """Input validation at the edge: path parameters, query values and JSON bodies.
 
-Every check raises `BadRequest` with the SPEC's error code, so views stay a list of calls.
+Every check raises `BadRequest` with the contract's error code (api/openapi.yaml), so views
+stay a list of calls.
 The UUID check is on the read path, hence a precompiled pattern behind a length test.
 """
 
@@ -61,7 +62,10 @@ def delay(raw: object) -> int:
     """Milliseconds, an integer from 0 to 86,400,000; absent (or null) means 0."""
     if raw is None:
         return 0
-    # bool is a subclass of int, and "5" or 5.0 are not integers on the wire either.
+    # JSON (and JSON Schema) has one number type: 5.0 is the integer 5, and clients that
+    # encode every number as a double send it so. bool is a subclass of int, and "5" is text.
+    if type(raw) is float and raw.is_integer():
+        raw = int(raw)
     if type(raw) is int and 0 <= raw <= MAX_DELAY_MS:
         return raw
     raise BadRequest(

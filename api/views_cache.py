@@ -3,10 +3,20 @@
 GET /api/cache/{userId} serves the stored bytes as they are: the entry was encoded once, in
 the response's exact shape, by whoever prefetched it. Nothing here parses or encodes JSON on
 a hit; a gzip entry goes out compressed to clients that accept gzip.
+
+Conditional reads: every entry carries the entity tag and expiry it was stamped with when
+encoded (engine.store.cache.Stamp), so the answer has a strong ETag and `Cache-Control:
+private, max-age=<seconds left>` at the cost of two slices, and `If-None-Match` with the
+current tag gets 304 without a body. Each representation has its own tag (RFC 9110 8.8.3):
+`"<tag>"` for the plain JSON, `"<tag>-gzip"` for the gzip coding, `"<tag>-rt"` for the
+read-through answer (`meta.cached: false`); If-None-Match matches on `<tag>`, whichever
+representation the client holds (as Apache's mod_deflate does), since all three carry the
+same timeline.
 """
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 from aiohttp import web
@@ -16,10 +26,13 @@ from api.appkeys import ACTIVITY, AUTH, RUNTIME
 from api.responses import JSON, success
 from engine.errors import NotFound
 from engine.metrics import prometheus
-from engine.store.cache import GZIP_MAGIC, decompress
+from engine.prefetcher import ReadThrough
+from engine.store.cache import GZIP_EXPIRES, GZIP_MAGIC, GZIP_TAG, Stamp, decompress, unstamp
 
 _GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 _VARY = {"Vary": "Accept-Encoding"}
+# Untagged entries (stored before stamps existed, or not kept): revalidate every time.
+_UNKNOWN_FRESHNESS = "private, max-age=0"
 
 
 @lru_cache(maxsize=256)
@@ -45,13 +58,75 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
+def matches(if_none_match: str, tag: str) -> bool:
+    """Whether an If-None-Match value names entity tag `tag` (any representation's suffix,
+    weak or strong, as RFC 9110 13.1.2 compares them) or is `*`."""
+    for item in if_none_match.split(","):
+        opaque = item.strip().removeprefix("W/").strip('"')
+        if opaque == "*" or opaque.partition("-")[0] == tag:
+            return True
+    return False
+
+
+def cache_control(expires_at: int) -> str:
+    """`private, max-age=<whole seconds until expires_at>` (epoch ms; 0: unknown)."""
+    if not expires_at:
+        return _UNKNOWN_FRESHNESS
+    return f"private, max-age={max(0, (expires_at - int(time.time() * 1000)) // 1000)}"
+
+
 def _timeline_response(request: web.Request, stored: bytes) -> web.Response:
-    """The stored entry as the response: gzip as is when accepted, else plain JSON."""
-    if stored[:2] != GZIP_MAGIC:
-        return web.Response(body=stored, content_type=JSON)
-    if accepts_gzip(request.headers.get("Accept-Encoding", "")):
-        return web.Response(body=stored, content_type=JSON, headers=_GZIP_HEADERS)
-    return web.Response(body=decompress(stored), content_type=JSON, headers=_VARY)
+    """The stored entry as the response: gzip as is when accepted, else plain JSON; 304
+    when the client's If-None-Match names the entry's tag."""
+    if (
+        stored[3:4] == b"\x08"
+        and stored[:2] == GZIP_MAGIC
+        and accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    ):
+        # The hot path (a stamped gzip entry, a gzip client), without building a Stamp.
+        tag = stored[GZIP_TAG].decode("ascii")
+        headers = {
+            "ETag": f'"{tag}-gzip"',
+            "Cache-Control": cache_control(int(stored[GZIP_EXPIRES])),
+            "Vary": "Accept-Encoding",
+        }
+        wanted = request.headers.get("If-None-Match")
+        if wanted is not None and matches(wanted, tag):
+            return web.Response(status=304, headers=headers)
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=stored, content_type=JSON, headers=headers)
+    entry = unstamp(stored)
+    gzip = entry.gzip and accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    if entry.tag is None:
+        headers = dict(_GZIP_HEADERS if gzip else _VARY)
+        headers["Cache-Control"] = _UNKNOWN_FRESHNESS
+    else:
+        headers = _validators(entry, "-gzip" if gzip else "")
+        wanted = request.headers.get("If-None-Match")
+        if wanted is not None and matches(wanted, entry.tag):
+            return web.Response(status=304, headers=headers)
+        if gzip:
+            headers.update(_GZIP_HEADERS)
+    if gzip:
+        return web.Response(body=entry.payload, content_type=JSON, headers=headers)
+    body = decompress(stored) if entry.gzip else entry.payload
+    return web.Response(body=body, content_type=JSON, headers=headers)
+
+
+def _validators(entry: Stamp, suffix: str) -> dict[str, str]:
+    return {
+        "ETag": f'"{entry.tag}{suffix}"',
+        "Cache-Control": cache_control(entry.expires_at),
+        "Vary": "Accept-Encoding",
+    }
+
+
+def _read_through_response(fetched: ReadThrough) -> web.Response:
+    """The read-through's plain JSON, with the validators of the entry stored from it."""
+    headers = {"Cache-Control": cache_control(fetched.expires_at)}
+    if fetched.tag is not None:
+        headers["ETag"] = f'"{fetched.tag}-rt"'
+    return web.Response(body=fetched.body, content_type=JSON, headers=headers)
 
 
 async def get_timeline(request: web.Request) -> web.Response:
@@ -72,9 +147,9 @@ async def get_timeline(request: web.Request) -> web.Response:
     if request.query.get("cacheOnly") == "true":
         raise NotFound("Timeline not cached")
     # Plain JSON with meta.cached false; upstream failures carry their status and code.
-    body = await runtime.prefetcher.read_through(user)
+    fetched = await runtime.prefetcher.read_through(user)
     app[ACTIVITY].add(user)
-    return web.Response(body=body, content_type=JSON)
+    return _read_through_response(fetched)
 
 
 async def get_status(request: web.Request) -> web.Response:

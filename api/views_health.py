@@ -30,7 +30,6 @@ from engine.strategies.leader import leader_status
 from engine.strategies.sidecar import scheduler_wanted
 
 CHECK_TIMEOUT_S = 2.0
-MEMORY_PRESSURE_MB = 400
 # /health/cache counts entries with SCAN; past this many steps it reports an estimate, and
 # its answer is kept for CACHE_COUNTS_TTL_S (the endpoint is unauthenticated).
 SCAN_MAX_STEPS = 100
@@ -105,14 +104,15 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-async def _memory_check() -> dict[str, Any]:
+async def _memory_check(limit_mb: int) -> dict[str, Any]:
+    """This process's RSS against HEALTH_MEMORY_LIMIT_MB."""
     rss_mb = _rss_bytes() / 1_048_576
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "status": "pressure" if rss_mb > MEMORY_PRESSURE_MB else "healthy",
+        "status": "pressure" if rss_mb > limit_mb else "healthy",
         "rss": f"{rss_mb:.0f}MB",
         "peakRss": f"{peak_mb:.0f}MB",
-        "limit": f"{MEMORY_PRESSURE_MB}MB",
+        "limit": f"{limit_mb}MB",
     }
 
 
@@ -150,7 +150,7 @@ async def health(request: web.Request) -> web.Response:
         _redis_checks(request),
         _bounded(runtime.timeline.health()),
         _bounded(runtime.ca.health()),
-        _bounded(_memory_check()),
+        _bounded(_memory_check(request.app[SETTINGS].health_memory_limit_mb)),
         _bounded(_queue_check(request)),
         _bounded(_scheduler_check(request)),
     )

@@ -98,11 +98,15 @@ async def metrics_day(request: web.Request) -> web.Response:
 
 
 async def activity(request: web.Request) -> web.Response:
-    """POST /api/activity {userIds: [...]}: report users as active (batched to Redis)."""
+    """POST /api/activity {userIds: [...]}: report users as active (batched to Redis).
+
+    202 means held and about to be written (the last write landed); while Redis takes no
+    writes, 503 with the reason (api.activity).
+    """
     await _authorize(request, "write")
     body = await validation.json_body(request)
     users = validation.user_ids(body.get("userIds"), "userIds")
-    recorded = request.app[ACTIVITY].add_many(users)
+    recorded = request.app[ACTIVITY].accept(users)
     return success({"recorded": recorded}, 202)
 
 

@@ -1,4 +1,4 @@
-"""API memory under many distinct tokens and users (SPEC section 7: an API process < 100 MB).
+"""API memory under many distinct tokens and users (docs/contract.md §7: an API process < 100 MB).
 
 Starts `prefetch sandbox` and one `prefetch api`, then sends `--requests` reads of
 GET /api/cache/{user}, each with its own user and its own token (`sandbox-user-<uuid>`,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gzip
 import multiprocessing as mp
 import os
 import resource
@@ -69,7 +68,7 @@ from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import compress
+from engine.store.cache import compress, decompress
 from engine.store.fastredis import FastRedis
 
 WARMUP_JOBS = 200
@@ -295,7 +294,7 @@ def verify_entries(url: str, users: list[str], compression: str) -> list[str]:
                 is_gzip = stored[:2] == b"\x1f\x8b"
                 if is_gzip != (compression == "gzip"):
                     problems.append(f"{user}: stored gzip={is_gzip}, expected {compression}")
-                body = gzip.decompress(stored) if is_gzip else stored
+                body = decompress(stored)
                 entry = msgspec.json.decode(body, type=wire.CachedTimeline)
                 if entry.data.postsCount != 100 or entry.data.posts[0].userId != user:
                     problems.append(f"{user}: wrong entry")

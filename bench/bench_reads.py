@@ -58,7 +58,7 @@ from bench.common import (
     wait_http,
 )
 from engine.store import keys
-from engine.store.cache import compress
+from engine.store.cache import compress, new_tag, stamp
 from engine.wire import cached_body
 from sandbox import generate_posts
 
@@ -178,14 +178,17 @@ def make_entries(count: int) -> dict[str, bytes]:
 
 
 def fill_hot(url: str, entries: dict[str, bytes], compression: str) -> int:
-    """Store every entry in the hot tier the way the worker does; returns the mean size."""
+    """Store every entry in the hot tier the way the worker does (compressed as asked,
+    stamped with an entity tag and its expiry); returns the mean size."""
     client = redis.Redis.from_url(url, db=BENCH_DBS["REDIS_DB_HOT"])
     total = 0
+    expires_at = int(time.time() * 1000) + ENTRY_TTL_MS
     try:
         client.flushdb()
         pipe = client.pipeline(transaction=False)
         for n, (user, body) in enumerate(entries.items(), 1):
-            stored = compress(body) if compression == "gzip" else body
+            encoded = compress(body) if compression == "gzip" else body
+            stored = stamp(encoded, new_tag(), expires_at)
             total += len(stored)
             pipe.set(keys.timeline("hot", user), stored, px=ENTRY_TTL_MS)
             if n % 200 == 0:

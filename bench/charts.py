@@ -2,7 +2,7 @@
 
 One function per chart, each taking the part of the result it draws and a path; matplotlib
 draws off-screen (Agg). Charts a person reads at a glance: bars labelled with their values,
-the ceiling drawn in grey, the SPEC §7 target as a dashed line or in the title.
+the ceiling drawn in grey, the docs/contract.md §7 target as a dashed line or in the title.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def prefetch_chart(
         )
     for x, cell in zip(xs, cells, strict=True):
         base = (cell.get("baseline") or {}).get("worker_cpu_us_per_job")
-        if base:  # SPEC §7: the engine's CPU per job at most 1.15 of the plain loop's
+        if base:  # docs/contract.md §7: the engine's CPU per job at most 1.15 of the plain loop's
             cpu_ax.hlines(
                 1.15 * base, x - 1.5 * width, x - 0.5 * width, color=TARGET, linestyle="--"
             )

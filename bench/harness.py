@@ -11,8 +11,9 @@ Parts (`--parts`, all by default, in this order):
 - tick:       one strategy scheduler tick, first and second (bench_tick).
 
 Writes `bench/results/bench-<timestamp>/result.json` and one PNG per chart beside it, prints
-the SPEC §7 targets met or missed, and with `--publish DIR` copies the charts to DIR (the
-committed `docs/bench/` that tuning.md embeds: publish only a run taken on a quiet machine).
+the docs/contract.md §7 targets met or missed, and with `--publish DIR` copies the charts to
+DIR (the committed `docs/bench/` that tuning.md embeds: publish only a run taken on a quiet
+machine).
 Everything here shares the machine's CPUs with the load generator; `other CPU %` in the JSON
 says how much else ran meanwhile.
 """
@@ -160,7 +161,7 @@ def run_tick(sizes: dict[str, Any], url: str) -> list[dict[str, Any]]:
 
 
 def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
-    """SPEC §7's targets, each with the measured value and whether it is met."""
+    """docs/contract.md §7's targets, each with the measured value and whether it is met."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, target: str, met: bool | None) -> None:
@@ -223,7 +224,7 @@ def print_targets(found: list[dict[str, Any]]) -> None:
         for t in found
     ]
     print()
-    print("SPEC §7 targets, this run:")
+    print("docs/contract.md §7 targets, this run:")
     print_table(["target", "measured", "goal", ""], rows)
 
 

@@ -162,6 +162,14 @@ class UpstreamAuthError(UpstreamError):
     """The timeline service refused our service token."""
 
 
+class Busy(PrefetchError):
+    """The service cannot take this now (a buffer is full); the client may retry."""
+
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+    public = "Service busy; retry later"
+
+
 class RedisUnavailable(PrefetchError):
     """Redis cannot be reached."""
 
@@ -176,6 +184,8 @@ class BrokerUnavailable(PrefetchError):
 
     status = 503
     code = "QUEUE_UNAVAILABLE"
+    retryable = True
+    public = "The job queue is unavailable"
 
 
 class BrokerTimeout(BrokerUnavailable):

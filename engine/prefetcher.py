@@ -18,7 +18,7 @@ from engine import wire
 from engine.errors import RedisUnavailable
 from engine.metrics import prometheus
 from engine.metrics.daily import StatsRecorder
-from engine.store.cache import TimelineCache, decompress
+from engine.store.cache import TimelineCache, decompress, unstamp
 from engine.throttle import LogThrottle
 from engine.upstream import TimelineClient
 
@@ -48,6 +48,16 @@ class PrefetchResult:
     stored: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class ReadThrough:
+    """A read-through's answer: the body (plain JSON, `meta.cached: false`), and the entity
+    tag and expiry (epoch ms) of the entry stored from it; None and 0 when none was kept."""
+
+    body: bytes
+    tag: str | None = None
+    expires_at: int = 0
+
+
 class _Count(msgspec.Struct):
     postsCount: int
 
@@ -68,7 +78,7 @@ class Prefetcher:
         self.cache = cache
         self.timeline = timeline
         self.stats = stats
-        self._flights: dict[str, asyncio.Future[bytes]] = {}
+        self._flights: dict[str, asyncio.Future[ReadThrough]] = {}
         self._read_through_slots = asyncio.Semaphore(READ_THROUGH_SLOTS)
 
     async def prefetch(
@@ -93,7 +103,7 @@ class Prefetcher:
             return PrefetchResult(True, True, "hot", count, _ms_since(started))
         posts = await self.timeline.fetch(user_id)
         body = wire.cached_body(posts, int(time.time() * 1000), tier, cached=True)
-        stored = await self.cache.store(tier, user_id, self.cache.encode(body), ticket)
+        stored = await self.cache.store(tier, user_id, self.cache.encode(body, tier), ticket)
         if stored.replaced is not None:
             self.stats.prefetch_wasted(stored.replaced)
         return PrefetchResult(True, False, tier, len(posts), _ms_since(started), stored.stored)
@@ -109,10 +119,10 @@ class Prefetcher:
         self.record(True, started, "immediate")
         return result
 
-    async def read_through(self, user_id: str) -> bytes:
+    async def read_through(self, user_id: str) -> ReadThrough:
         """Fetch and store in warm a timeline nobody had cached; one fetch per user at a time.
 
-        Returns the response body (plain JSON, `meta.cached: false`) for every waiter.
+        Returns the same answer (plain JSON, `meta.cached: false`) to every waiter.
         """
         flight = self._flights.get(user_id)
         if flight is None:
@@ -121,20 +131,23 @@ class Prefetcher:
             flight.add_done_callback(lambda _: self._flights.pop(user_id, None))
         return await asyncio.shield(flight)
 
-    async def _bounded_read_through(self, user_id: str) -> bytes:
+    async def _bounded_read_through(self, user_id: str) -> ReadThrough:
         async with self._read_through_slots:
             return await self._read_through(user_id)
 
-    async def _read_through(self, user_id: str) -> bytes:
+    async def _read_through(self, user_id: str) -> ReadThrough:
         started = time.perf_counter()
         ok = True
+        kept = None
         try:
             ticket = await self.cache.begin(user_id, "warm", check_hot=False)
             posts = await self.timeline.fetch(user_id)
             fetched_at = int(time.time() * 1000)
-            stored = wire.cached_body(posts, fetched_at, "warm", cached=True)
+            entry = self.cache.encode(
+                wire.cached_body(posts, fetched_at, "warm", cached=True), "warm"
+            )
             try:
-                done = await self.cache.store("warm", user_id, self.cache.encode(stored), ticket)
+                done = await self.cache.store("warm", user_id, entry, ticket)
             except RedisUnavailable as exc:
                 # The reader waited for this body: serve it though it could not be kept (Redis
                 # out of memory, read-only, gone); the operation counts as failed.
@@ -145,11 +158,16 @@ class Prefetcher:
             else:
                 if done.replaced is not None:
                     self.stats.prefetch_wasted(done.replaced)
+                if done:
+                    kept = unstamp(entry)
         except Exception:
             self.record(False, started, "read-through")
             raise
         self.record(ok, started, "read-through")
-        return wire.cached_body(posts, fetched_at, "warm", cached=False)
+        body = wire.cached_body(posts, fetched_at, "warm", cached=False)
+        if kept is None:
+            return ReadThrough(body)
+        return ReadThrough(body, kept.tag, kept.expires_at)
 
     def record(self, ok: bool, started: float, origin: str) -> None:
         """Count one finished prefetch operation, started by `origin`, in the stats."""

@@ -79,6 +79,7 @@ class Settings:
     queue_prefetch: int = 200
     delay_queue_prefetch: int = 1_000
     queue_backlog_degraded: int = 500
+    health_memory_limit_mb: int = 400
     metrics_retention_days: int = 90
     metrics_dir: str = ""
     log_level: str = "INFO"
@@ -317,6 +318,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "QUEUE_PREFETCH": ("queue_prefetch", _int(1, 100_000)),
     "DELAY_QUEUE_PREFETCH": ("delay_queue_prefetch", _int(1, 1_000_000)),
     "QUEUE_BACKLOG_DEGRADED": ("queue_backlog_degraded", _int(1, 10_000_000)),
+    "HEALTH_MEMORY_LIMIT_MB": ("health_memory_limit_mb", _int(16, 1_048_576)),
     "METRICS_RETENTION_DAYS": ("metrics_retention_days", _int(1, 3_650)),
     "PREFETCH_METRICS_DIR": ("metrics_dir", _text),
     "LOG_LEVEL": ("log_level", _log_level),

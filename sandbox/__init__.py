@@ -1,6 +1,6 @@
 """Simulated upstreams for `prefetch sandbox` and `prefetch dev`: a timeline service and a CA.
 
-Both run on loopback over real HTTP (SPEC.md section 8). Fixed tokens and fault users are
+Both run on loopback over real HTTP (docs/contract.md §8). Fixed tokens and fault users are
 named in `sandbox.ca` and `sandbox.timeline`; the knobs are `SANDBOX_LATENCY_MS`,
 `SANDBOX_JITTER_MS` and `SANDBOX_ERROR_RATE`.
 """

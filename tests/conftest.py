@@ -40,6 +40,7 @@ from engine.settings import Settings
 from engine.store.fastredis import FastRedis
 from sandbox.config import SandboxSettings
 from sandbox.server import SandboxServer
+from tests.contract import check_response
 
 TEST_DBS = {"db_hot": 10, "db_warm": 11, "db_queue": 12, "db_metrics": 13}
 SERVICE_TOKEN = "sandbox-service"
@@ -231,6 +232,8 @@ class ApiClient:
                 body = orjson.loads(raw) if raw else None
             except orjson.JSONDecodeError:
                 body = None
+            # Every response must be one the contract describes (tests/contract.py).
+            check_response(method, rsp.url.path_qs, rsp.status, rsp.headers, raw)
             return Reply(rsp.status, body, rsp.headers, raw)
 
     async def _stats(self, base: str) -> dict[str, Any]:

@@ -69,4 +69,4 @@ async def store_at(
     cache = TimelineCache(settings, redis["hot"], redis["warm"], clock=lambda: at_ms)
     ticket = await cache.begin(user, tier, check_hot=False, origin=origin)
     body = wire.cached_body(generate_posts(user, 5), at_ms, tier, cached=True)
-    return await cache.store(tier, user, cache.encode(body), ticket)
+    return await cache.store(tier, user, cache.encode(body, tier), ticket)

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from api.auth import USER_TOKEN_REFUSED
 from engine.settings import Settings
 from sandbox.ca import user_token
 from tests.conftest import READONLY_TOKEN, ApiClient, closed_port, new_user, serve_api
@@ -95,6 +96,12 @@ async def test_user_token_reaches_only_its_own_user(api: ApiClient) -> None:
         reply = await api.call(method, path, token=token, json=body)
         assert reply.status == 403, path
         assert reply.body["error"] == "ACCESS_DENIED", path
+        # Whether another user's data or a route for services only: the message says which.
+        service_only = other not in path
+        expected = (
+            USER_TOKEN_REFUSED if service_only else "A user token may only access its own user"
+        )
+        assert reply.body["message"] == expected, path
 
 
 async def test_unreachable_ca_is_503(settings: Settings) -> None:

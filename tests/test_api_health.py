@@ -64,6 +64,20 @@ async def test_health_when_everything_is_up(api: ApiClient) -> None:
     }
 
 
+async def test_memory_over_the_configured_limit_is_pressure_and_degraded(
+    settings: Settings,
+) -> None:
+    # Any API process holds more than 16 MB: the lowest limit the setting accepts.
+    async with serve_api(settings.with_overrides(health_memory_limit_mb=16)) as api:
+        reply = await api.call("GET", "/health", token=None)
+        assert reply.status == 200 and reply.body["status"] == "degraded"
+        memory = reply.body["checks"]["memory"]
+        assert memory["status"] == "pressure" and memory["limit"] == "16MB"
+    async with serve_api(settings.with_overrides(health_memory_limit_mb=100_000)) as api:
+        memory = (await api.call("GET", "/health", token=None)).body["checks"]["memory"]
+        assert memory["status"] == "healthy" and memory["limit"] == "100000MB"
+
+
 async def test_redis_down_is_unhealthy_and_not_ready(settings: Settings) -> None:
     down = settings.with_overrides(redis_url=f"redis://127.0.0.1:{closed_port()}")
     async with serve_api(down) as api:

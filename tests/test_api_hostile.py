@@ -23,6 +23,7 @@ import pytest_asyncio
 
 from engine.settings import Settings
 from tests.conftest import ApiClient, new_user, serve_api
+from tests.contract import check_raw, check_raw_answer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,6 +61,7 @@ async def send_raw(url: str, payload: bytes, *, cap: float = 20) -> RawReply:
                 headers[name.strip().lower()] = value.strip()
         length = int(headers.get("content-length", "0"))
         body = await asyncio.wait_for(reader.readexactly(length), cap)
+        check_raw(payload, status, headers, body)  # the contract holds for raw answers too
         return RawReply(status, headers, body)
     finally:
         writer.close()
@@ -179,6 +181,7 @@ async def test_headers_that_never_finish_get_408_and_a_close(quick_api: ApiClien
         writer.close()
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b'"error":"REQUEST_TIMEOUT"' in answer and b"X-Request-Id: " in answer
+        check_raw_answer(partial, answer)
         assert time.monotonic() - started >= 0.29
 
 

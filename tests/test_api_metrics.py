@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from engine.metrics.daily import utc_day
+from api import activity
+from engine.errors import Busy
+from engine.metrics.daily import BUCKETS_MS, utc_day
+from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
@@ -44,6 +47,10 @@ async def test_metrics_count_hits_misses_and_prefetches(api: ApiClient) -> None:
     prefetch = data["prefetch"]
     assert prefetch["totalJobs"] == 2 and prefetch["successful"] == 2 and prefetch["failed"] == 0
     assert isinstance(prefetch["avgDuration"], int)
+    # Percentiles are read off fixed buckets, and say so.
+    assert prefetch["percentilesAre"] == "bucketUpperBoundsMs"
+    assert {prefetch["p50"], prefetch["p95"], prefetch["p99"]} <= set(BUCKETS_MS)
+    assert prefetch["p50"] <= prefetch["p95"] <= prefetch["p99"]
     assert ISO_UTC.match(data["timestamp"])
 
     today = await _metrics(api, f"/{utc_day()}")
@@ -73,6 +80,21 @@ async def test_bad_date_is_400(api: ApiClient, day: str) -> None:
     reply = await api.call("GET", f"/api/prefetch/metrics/{day}")
     assert reply.status == 400
     assert reply.body["error"] == "INVALID_DATE"
+
+
+def test_activity_is_taken_all_or_none_and_a_full_buffer_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """202 must mean held: users that do not all fit are refused (503), none kept."""
+    monkeypatch.setattr(activity, "MAX_PENDING", 3)
+    batcher = activity.ActivityBatcher(cast(Runtime, None))  # accept() never reaches Redis
+    first, second = [new_user(), new_user()], [new_user(), new_user()]
+    assert batcher.accept(first + first) == 2
+    with pytest.raises(Busy) as refused:
+        batcher.accept(second)
+    assert refused.value.status == 503 and refused.value.code == "SERVICE_UNAVAILABLE"
+    assert not any(batcher.is_pending(user) for user in second)
+    assert all(batcher.is_pending(user) for user in first)
 
 
 async def test_reported_activity_reaches_redis(

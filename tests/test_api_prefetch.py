@@ -102,7 +102,14 @@ async def test_unknown_priority_is_400(api: ApiClient, priority: object) -> None
         assert reply.body["error"] == "INVALID_PRIORITY"
 
 
-@pytest.mark.parametrize("delay", [-1, 86_400_001, 1.5, "10", True, [1]])
+async def test_a_delay_written_as_a_whole_double_is_that_integer(api: ApiClient) -> None:
+    """Found by schemathesis: 86400000.0 is an integer to JSON Schema (and to JavaScript)."""
+    body = {"delay": 86_400_000.0}
+    reply = await api.call("POST", f"/api/prefetch/schedule/{new_user()}", json=body)
+    assert reply.status == 202 and reply.body["data"]["delay"] == 86_400_000
+
+
+@pytest.mark.parametrize("delay", [-1, 86_400_001, 1.5, 86_400_001.0, "10", True, [1]])
 async def test_bad_delay_is_400(api: ApiClient, delay: object) -> None:
     reply = await api.call("POST", f"/api/prefetch/schedule/{new_user()}", json={"delay": delay})
     assert reply.status == 400

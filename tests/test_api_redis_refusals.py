@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from engine.settings import Settings
-from tests.conftest import Reply, eventually, new_user, serve_api
+from tests.conftest import ApiClient, Reply, eventually, new_user, serve_api
 from tests.redis_support import PrivateRedis, private_redis
 
 pytestmark = pytest.mark.timeout(90)
@@ -71,6 +71,9 @@ async def test_out_of_memory_refuses_writes_with_503_and_keeps_serving_reads(
         through = await api.call("GET", f"/api/cache/{fresh}")
         assert through.status == 200 and through.body["meta"]["cached"] is False
         assert through.body["data"]["postsCount"] == 100
+        # Nothing was kept, so there is nothing to revalidate against.
+        assert "ETag" not in through.headers
+        assert through.headers["Cache-Control"] == "private, max-age=0"
         status = await api.call("GET", f"/api/cache/status/{fresh}")
         assert status.status == 200 and status.body["data"]["cached"] is False
 
@@ -191,3 +194,65 @@ async def test_loading_after_a_restart_is_503_until_the_dataset_is_in(
 
         await eventually(loaded, timeout=60, interval=0.2)
         assert (await api.call("POST", f"/api/prefetch/schedule/{new_user()}")).status == 202
+
+
+async def _activity(api: ApiClient, *users: str) -> Reply:
+    return await api.call("POST", "/api/activity", json={"userIds": list(users) or [new_user()]})
+
+
+async def _event(api: ApiClient, user: str) -> Reply:
+    return await api.call(
+        "POST", "/api/prefetch/events", json={"type": "post.created", "userId": user}
+    )
+
+
+async def test_activity_and_events_answer_503_while_redis_refuses_writes(
+    settings: Settings, server: PrivateRedis
+) -> None:
+    async with serve_api(settings.with_overrides(redis_url=server.url)) as api:
+        cached = new_user()
+        assert (await api.call("GET", f"/api/cache/{cached}")).status == 200
+        assert (await _activity(api)).status == 202
+        await _fill_then_cap(server)
+
+        # 202 means "held, and the last write landed": once a flush is refused, it stops.
+        async def refusing() -> bool:
+            return (await _activity(api)).status == 503
+
+        await eventually(refusing, timeout=10)
+        _refused(await _activity(api), "OOM")
+        _refused(await _event(api, cached), "OOM")  # a refresh job: refused
+        _refused(await _event(api, new_user()), "OOM")  # an invalidation: refused
+
+        server.client().config_set("maxmemory", "0")
+
+        async def accepting() -> bool:
+            return (await _activity(api)).status == 202
+
+        await eventually(accepting, timeout=10)
+        assert (await _event(api, cached)).status == 202
+
+
+async def test_activity_and_events_answer_503_while_redis_is_down(
+    settings: Settings, server: PrivateRedis
+) -> None:
+    async with serve_api(settings.with_overrides(redis_url=server.url)) as api:
+        user = new_user()
+        assert (await _activity(api, user)).status == 202
+        server.stop()
+
+        async def down() -> bool:
+            return (await _activity(api)).status == 503
+
+        await eventually(down, timeout=15)
+        reply = await _activity(api)
+        assert reply.body["error"] == "REDIS_UNAVAILABLE"
+        event = await _event(api, user)
+        assert event.status == 503 and event.body["error"] == "REDIS_UNAVAILABLE"
+
+        server.start()
+
+        async def back() -> bool:
+            return (await _activity(api)).status == 202
+
+        await eventually(back, timeout=20)

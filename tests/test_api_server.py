@@ -27,6 +27,7 @@ from aiohttp.web_request import BaseRequest
 from api.server import FD_RESERVE, EnvelopeHandler, EnvelopeServer, connection_cap, make_runner
 from engine.settings import Settings
 from tests.conftest import eventually, new_user, serve_api
+from tests.contract import check_raw_answer
 from tests.redis_support import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -157,11 +158,14 @@ async def slow_clients(url: str, count: int) -> AsyncIterator[list[asyncio.Strea
 async def probe_live(url: str) -> bytes:
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    request = b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     try:
-        writer.write(b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        return await asyncio.wait_for(reader.read(), 20)
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 20)
     finally:
         writer.close()
+    check_raw_answer(request, answer)  # 200 alive or 503 SERVICE_UNAVAILABLE, as documented
+    return answer
 
 
 async def test_at_the_limit_the_oldest_idle_connection_makes_room(settings: Settings) -> None:

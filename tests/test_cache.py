@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import time
+import zlib
+
+import pytest
 
 from engine import wire
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import TimelineCache, compress, decompress
+from engine.store.cache import TimelineCache, compress, decompress, new_tag, stamp, unstamp
 from engine.store.fastredis import FastRedis
 from sandbox.timeline import generate_posts
 from tests.conftest import new_user
+
+
+def wire_now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def body_for(user: str, tier: str) -> bytes:
@@ -26,6 +35,39 @@ def test_gzip_round_trips_and_plain_bytes_pass_through() -> None:
     assert decompress(body) == body
 
 
+def test_a_stamped_gzip_entry_is_still_one_standard_gzip_member() -> None:
+    body = body_for(new_user(), "hot")
+    tag = new_tag()
+    stored = stamp(compress(body), tag, 1_764_000_123_456)
+    assert stored[:4] == b"\x1f\x8b\x08\x08"  # FNAME flag set
+    for decoder in (gzip.decompress, lambda b: zlib.decompress(b, wbits=31), decompress):
+        assert decoder(stored) == body
+    parts = unstamp(stored)
+    assert (parts.gzip, parts.tag, parts.expires_at) == (True, tag, 1_764_000_123_456)
+    assert parts.payload is stored  # what goes out to a gzip client is the stored object
+
+
+def test_a_stamped_plain_entry_serves_its_json_after_the_stamp() -> None:
+    body = body_for(new_user(), "warm")
+    tag = new_tag()
+    stored = stamp(body, tag, 42)
+    parts = unstamp(stored)
+    assert (parts.gzip, parts.tag, parts.expires_at) == (False, tag, 42)
+    assert bytes(parts.payload) == body == decompress(stored)
+
+
+def test_entries_without_a_stamp_are_served_as_they_are() -> None:
+    body = body_for(new_user(), "warm")
+    for stored in (body, compress(body)):
+        parts = unstamp(stored)
+        assert parts.payload is stored and parts.tag is None and parts.expires_at == 0
+    assert new_tag() != new_tag()
+    with pytest.raises(ValueError, match="16 hex digits"):
+        stamp(body, "short", 1)
+    with pytest.raises(ValueError, match="optional header"):
+        stamp(stamp(compress(body), new_tag(), 1), new_tag(), 1)
+
+
 async def test_an_entry_is_the_ready_response_body(
     settings: Settings, redis_roles: dict[str, FastRedis]
 ) -> None:
@@ -33,10 +75,15 @@ async def test_an_entry_is_the_ready_response_body(
     user = new_user()
     ticket = await cache.begin(user, "hot")
     assert not ticket.hot_fresh
-    assert await cache.store("hot", user, cache.encode(body_for(user, "hot")), ticket)
+    assert await cache.store("hot", user, cache.encode(body_for(user, "hot"), "hot"), ticket)
     tier, stored = await cache.read(user) or ("", b"")
     parsed = json.loads(decompress(stored))
     assert tier == "hot"
+    # Stamped when encoded: a tag, and an expiry no later than Redis's own.
+    stamped = unstamp(stored)
+    assert stamped.tag is not None and stamped.gzip
+    pttl = await redis_roles["hot"].execute("PTTL", keys.timeline("hot", user))
+    assert 0 < stamped.expires_at - wire_now_ms() <= pttl + 50
     assert parsed["success"] is True
     assert parsed["meta"] == {"cached": True, "tier": "hot", "fetchedAt": 1_700_000_000_000}
     assert parsed["data"]["postsCount"] == 100

@@ -103,6 +103,7 @@ def test_api_limits_have_defaults_and_bounds() -> None:
         ("API_HEADER_TIMEOUT", "0", "an integer from 100 to 600000"),
         ("API_BODY_TIMEOUT", "soon", "an integer from 100 to 600000"),
         ("API_MAX_CONNECTIONS", "4", "an integer from 16 to 1000000"),
+        ("HEALTH_MEMORY_LIMIT_MB", "1G", "an integer from 16 to 1048576"),
         ("REDIS_URL", "rediss://cache/?ssl_cert_reqs=sometimes", "whose options parse"),
         ("BROKER_URL", "kafka://queue:9092", "a redis://, rediss://, unix://, amqp:// or amqps://"),
         ("BROKER_URL", "amqp://rabbit:5672/?heartbeat=often", "an amqp:// or amqps:// URL whose"),

@@ -141,6 +141,8 @@ async def read_day(redis: RedisClient, day: str | None) -> dict[str, Any]:
             "failed": values.get("failed", 0),
             "avgDuration": round(values.get("durationMs", 0) / jobs) if jobs else 0,
             **_percentiles(values, jobs),
+            # Not interpolated: each pNN is the upper bound of the bucket that holds it.
+            "percentilesAre": "bucketUpperBoundsMs",
             "byOrigin": {origin: values.get(f"origin:{origin}", 0) for origin in ORIGINS},
         },
         "usefulness": _usefulness(values),
