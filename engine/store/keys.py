@@ -152,5 +152,9 @@ SCHEDULER_LEASE = f"{PREFIX}:scheduler:{{leader}}:lease"
 SCHEDULER_TOKENS = f"{PREFIX}:scheduler:{{leader}}:tokens"
 SCHEDULER_STATUS = f"{PREFIX}:scheduler:{{leader}}:status"  # hash: the last tick's report
 SCHEDULER_TICKS = f"{PREFIX}:scheduler:{{leader}}:ticks"  # hash identity -> ticks it ran
+# The last FENCED_ENQUEUES_KEEP enqueues made under a fence, newest first, each
+# `<lease value> <Redis time in ms>` (push.lua): which leader enqueued what, and when.
+FENCED_ENQUEUES = f"{PREFIX}:scheduler:{{leader}}:enqueues"
+FENCED_ENQUEUES_KEEP = 1000
 # Health checks write it (with a short expiry) to find out whether Redis accepts writes.
 HEALTH_PROBE = f"{PREFIX}:health:probe"
