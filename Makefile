@@ -16,7 +16,7 @@ IMAGE ?= exprsn-prefetch:e2e
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
 
 .PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-api-memory \
-	load sizing deploy-lint docker-e2e clean
+	load sizing deploy-lint docker-e2e topology clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ test-cluster: $(STAMP)  ## the Redis Cluster tests (a 6-node cluster and TLS ser
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine api sandbox prefetch
+	$(BIN)/mypy --explicit-package-bases engine api sandbox prefetch deploy/topology
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -85,6 +85,9 @@ $(DEPLOY_STAMP): $(STAMP) pyproject.toml
 deploy-lint: $(DEPLOY_STAMP)  ## hadolint the Dockerfile, validate every Kubernetes manifest
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python deploy/k8s/validate.py --self-test
+
+topology: $(STAMP)  ## pods as separate hosts: network namespaces, rolling restart, failover, cuts (root)
+	$(BIN)/python -m deploy.topology test
 
 docker-e2e: $(STAMP)  ## build the image and run api, worker and sandbox containers end to end
 	$(BIN)/python deploy/docker/e2e.py --image $(IMAGE)
