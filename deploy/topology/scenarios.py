@@ -337,14 +337,16 @@ async def cut_api(run: Run, name: str, cut_s: float) -> None:
     cut_at = time.monotonic()
     run.network.cut(name, "redis")
     run.note(f"{name} cut off from Redis")
-    unready_ms = round(await _first_status(run, pod.url("/health/ready"), 503, 30) * 1000)
 
     async def out_of_service() -> bool:
         return name not in run.service.ready
 
-    out_ms = round((await until(out_of_service, 30, f"{name} out of the Service")) * 1000)
-    out_ms += unready_ms
-    run.note(f"{name} /health/ready 503 after {unready_ms} ms, out of the endpoints")
+    removed = asyncio.create_task(until(out_of_service, 30, f"{name} out of the Service"))
+    unready_ms = round(await _first_status(run, pod.url("/health/ready"), 503, 30) * 1000)
+    out_ms = round(await removed * 1000)
+    run.note(
+        f"{name} /health/ready 503 after {unready_ms} ms, out of the Service after {out_ms} ms"
+    )
     await asyncio.sleep(max(0.0, cut_at + cut_s - time.monotonic()))
     run.network.restore(name, "redis")
     back_ms = round(await wait_ready(run, name) * 1000)
