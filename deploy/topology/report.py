@@ -72,6 +72,7 @@ def print_report(run: Run, found: dict[str, Any]) -> None:
         ("reads by status", dict(tally.reads)),
         ("reads by phase", {k: dict(v) for k, v in tally.reads_by_phase.items()}),
         ("schedules by status", dict(tally.schedules)),
+        ("schedules by phase", {k: dict(v) for k, v in tally.schedules_by_phase.items()}),
         ("retried on the other pod", dict(tally.retries)),
         ("leases that enqueued", enqueued),
         ("ticks per scheduler", leases["ticks"]),

@@ -122,6 +122,11 @@ async def ticks_of(run: Run, pod: str) -> int:
     )
 
 
+async def completed(run: Run) -> int:
+    """Jobs completed so far, by every worker (the lifetime counter)."""
+    return int(await run.redis.queue.execute("GET", keys.JOBS_COMPLETED) or 0)
+
+
 async def wait_ready(run: Run, name: str) -> float:
     """Seconds until `name` is ready (an API pod: in the Service's endpoints again)."""
     pod = run.pods[name]
@@ -187,7 +192,7 @@ async def rolling_restart(run: Run) -> None:
         if was_leader is not None and was_leader[1] == name:
             # A clean stop releases the lease: the other pod's next poll takes it.
             took, now = await new_leader(run, was_leader[0], 3 * run.knobs.lease_ttl_ms / 1000)
-            entry["leaseHandoverMs"] = round((took + entry["stopS"]) * 1000)
+            entry["leaseHandoverAfterSigtermMs"] = round((took + entry["stopS"]) * 1000)
             entry["newLeader"] = now[1]
         run.pods.start(name)
         entry["readyS"] = round(await wait_ready(run, name), 2)
@@ -208,7 +213,7 @@ async def kill_leader(run: Run) -> None:
     token, name = await a_leader(run)
     left_ms = int(await run.redis.queue.execute("PTTL", keys.SCHEDULER_LEASE))
     killed_at = time.monotonic()
-    pids = run.pods.kill(name)
+    pids = await asyncio.to_thread(run.pods.kill, name)
     run.note(f"SIGKILL every process of {name}, the leader ({len(pids)} processes)")
     _, (_, successor) = await new_leader(run, token, 3 * ttl_ms / 1000 + 10)
     handover_ms = round((time.monotonic() - killed_at) * 1000)
@@ -255,8 +260,9 @@ async def cut_worker(run: Run, cut_s: float) -> None:
     token, name = await a_leader(run)
     pod = run.pods[name]
     cut_at_ms = await redis_time_ms(run.redis.queue)
+    done_at_cut = await completed(run)
     cut_at = time.monotonic()
-    run.network.cut(name, "redis")
+    await asyncio.to_thread(run.network.cut, name, "redis")
     run.note(f"{name} (the leader) cut off from Redis")
     unready = asyncio.create_task(_first_status(run, pod.url("/ready"), 503, 30))
     took, (_, successor) = await new_leader(run, token, 3 * ttl_ms / 1000 + 10)
@@ -269,7 +275,8 @@ async def cut_worker(run: Run, cut_s: float) -> None:
     ticks_at_cut = await ticks_of(run, name)
     await asyncio.sleep(max(0.0, cut_at + cut_s - time.monotonic()))
     ticks_before_restore = await ticks_of(run, name)
-    run.network.restore(name, "redis")
+    done_while_cut = await completed(run) - done_at_cut
+    await asyncio.to_thread(run.network.restore, name, "redis")
     restored_at = time.monotonic()
     run.note(f"{name} reconnected")
     ready_again_ms = round(await _first_status(run, pod.url("/ready"), 200, 60) * 1000)
@@ -299,6 +306,7 @@ async def cut_worker(run: Run, cut_s: float) -> None:
         "handoverMs": handover_ms,
         "newLeader": successor,
         "readyAgainAfterMs": ready_again_ms,
+        "jobsCompletedWhileCut": done_while_cut,
         "cutPodTicks": {"atCut": ticks_at_cut, "atRestore": ticks_before_restore},
         "cutPodTicksAfterRejoin": ticks_after,
         "leaseTokenCut": token,
@@ -307,6 +315,9 @@ async def cut_worker(run: Run, cut_s: float) -> None:
     }
     run.check(f"{name} /ready answers 503 while cut", True, f"after {unready_ms} ms")
     run.check("the other worker pod takes the lease", successor != name, successor)
+    run.check(
+        "jobs complete while a worker pod is cut off", done_while_cut > 0, str(done_while_cut)
+    )
     run.check(
         "leadership moves within one lease TTL of the cut",
         handover_ms <= ttl_ms + HANDOVER_SLACK_MS,
@@ -334,8 +345,9 @@ async def cut_api(run: Run, name: str, cut_s: float) -> None:
             await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch_live())
+    done_at_cut = await completed(run)
     cut_at = time.monotonic()
-    run.network.cut(name, "redis")
+    await asyncio.to_thread(run.network.cut, name, "redis")
     run.note(f"{name} cut off from Redis")
 
     async def out_of_service() -> bool:
@@ -348,7 +360,8 @@ async def cut_api(run: Run, name: str, cut_s: float) -> None:
         f"{name} /health/ready 503 after {unready_ms} ms, out of the Service after {out_ms} ms"
     )
     await asyncio.sleep(max(0.0, cut_at + cut_s - time.monotonic()))
-    run.network.restore(name, "redis")
+    done_while_cut = await completed(run) - done_at_cut
+    await asyncio.to_thread(run.network.restore, name, "redis")
     back_ms = round(await wait_ready(run, name) * 1000)
     stop.set()
     await watcher
@@ -358,8 +371,10 @@ async def cut_api(run: Run, name: str, cut_s: float) -> None:
         "outOfServiceAfterMs": out_ms,
         "readyAgainAfterMs": back_ms,
         "liveStatuses": dict(live),
+        "jobsCompletedWhileCut": done_while_cut,
     }
     run.check(f"{name} /health/ready answers 503 while cut", True, f"after {unready_ms} ms")
+    run.check("jobs complete while an API pod is cut off", done_while_cut > 0, str(done_while_cut))
     run.check(
         f"{name} /health/live stays 200 while cut",
         set(live) == {"200"},
