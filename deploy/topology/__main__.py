@@ -127,9 +127,10 @@ def command_test(args: argparse.Namespace) -> int:
     ok = bool(result.get("passed")) and not problems and not left
     result["passed"] = ok
     out = run_dir / "result.json"
-    out.write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2, default=str)
+    out.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(text)
     print(f"verdict: {'PASS' if ok else 'FAIL'} (result in {out})")
     return 0 if ok else 1
 
@@ -232,7 +233,8 @@ async def _test(
     print_report(run, found)
     return {
         "run": network.run_id,
-        "knobs": vars(args) | {"leaseTtlMs": knobs.lease_ttl_ms, "tickMs": knobs.tick_ms},
+        "knobs": {k: v for k, v in vars(args).items() if k not in ("command", "json")}
+        | {"leaseTtlMs": knobs.lease_ttl_ms, "tickMs": knobs.tick_ms},
         "figures": run.figures,
         "found": found,
         "reads": dict(tally.reads),
