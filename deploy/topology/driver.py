@@ -59,6 +59,7 @@ class Service:
         self._pods = pods  # name -> base URL
         self.ready: set[str] = set()
         self.terminating: set[str] = set()
+        self._passed: dict[str, float] = {}  # pod -> when its last passing probe was sent
         self._turn = itertools.count()
         self.changes: list[tuple[float, str, bool]] = []  # (monotonic, pod, now ready)
 
@@ -69,6 +70,7 @@ class Service:
             await asyncio.sleep(PROBE_PERIOD_S)
 
     async def _probe(self, name: str) -> None:
+        sent = time.monotonic()
         try:
             timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
             async with self._session.get(
@@ -79,7 +81,17 @@ class Service:
             ok = False
         if ok != (name in self.ready):
             self.changes.append((time.monotonic(), name, ok))
-        (self.ready.add if ok else self.ready.discard)(name)
+        if ok:
+            self.ready.add(name)
+            self._passed[name] = sent
+        else:
+            self.ready.discard(name)
+            self._passed.pop(name, None)
+
+    def ready_since(self, name: str, since: float) -> bool:
+        """Whether `name` is ready by a probe sent after `since` (a probe in flight when the
+        pod was stopped must not vouch for its replacement)."""
+        return name in self.ready and self._passed.get(name, float("-inf")) > since
 
     def drain(self, name: str) -> None:
         """Take `name` out of the endpoints (the pod is being deleted)."""

@@ -135,12 +135,23 @@ class Network:
         return _netns_pids(self.hosts[host].netns)
 
     def kill(self, host: str) -> list[int]:
-        """SIGKILL every process in `host`'s namespace (a pod's node dies); the pids killed."""
-        pids = self.pids(host)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return pids
+        """Every process in `host`'s namespace dies at once, as on a dead node; the pids.
+
+        All are stopped (SIGSTOP) before any is killed: otherwise a child outliving its
+        parent by a moment would get its parent-death SIGTERM (engine.process) and exit
+        cleanly, e.g. a scheduler releasing its lease, which a dead node never does.
+        """
+        killed: list[int] = []
+        for _ in range(5):  # again, for a child forked while the list was being read
+            pids = [pid for pid in self.pids(host) if pid not in killed]
+            if not pids:
+                break
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+            killed += pids
+        return killed
 
     def teardown(self) -> list[str]:
         """Stop every process of the run, delete its namespaces and state; the problems seen."""

@@ -128,12 +128,13 @@ async def completed(run: Run) -> int:
 
 
 async def wait_ready(run: Run, name: str) -> float:
-    """Seconds until `name` is ready (an API pod: in the Service's endpoints again)."""
+    """Seconds until `name` is ready (an API pod: by a Service probe sent from now on)."""
     pod = run.pods[name]
+    since = time.monotonic()
     if pod.role == "api":
 
         async def in_service() -> bool:
-            return name in run.service.ready
+            return run.service.ready_since(name, since)
 
         return await until(in_service, READY_TIMEOUT_S, f"{name} ready")
 
