@@ -24,9 +24,10 @@ group on a Redis Cluster, where a script's keys must share one slot):
   commands a second even for a large fleet, far below one node's capacity, and a per-day
   total would otherwise need a fan-out read.
 - On the queue's single node (BROKER_URL), never on the Cluster: Dramatiq's layout, pending
-  marks, the failed list and counters, the strategy claims and the scheduler lease. The
-  enqueue, settle and retry scripts (engine/broker/*.lua) combine a user's pending mark or the
-  lease's fence with the queues' keys, and Dramatiq's own scripts span every queue.
+  marks, the failed list and counters, the strategy claims, the scheduler lease and its log of
+  fenced enqueues. The enqueue, settle and retry scripts (engine/broker/*.lua) combine a
+  user's pending mark or the lease's fence with the queues' keys, and Dramatiq's own scripts
+  span every queue.
 """
 
 from __future__ import annotations
