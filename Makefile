@@ -18,7 +18,7 @@ FUZZ_STAMP := $(VENV)/.fuzz-stamp
 FUZZ_EXAMPLES ?= 30
 
 .PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-replay bench-api-memory \
-	load sizing deploy-lint docker-e2e fuzz clean
+	load sizing deploy-lint docker-e2e fuzz topology clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ test-cluster: $(STAMP)  ## the Redis Cluster tests (a 6-node cluster and TLS ser
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine api sandbox prefetch
+	$(BIN)/mypy --explicit-package-bases engine api sandbox prefetch deploy/topology
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -98,6 +98,9 @@ $(FUZZ_STAMP): $(STAMP) pyproject.toml
 
 fuzz: $(FUZZ_STAMP)  ## schemathesis against a running `prefetch dev`: service and user tokens
 	$(BIN)/python -m tests.fuzz_api --examples $(FUZZ_EXAMPLES)
+
+topology: $(STAMP)  ## pods as separate hosts: network namespaces, rolling restart, failover, cuts (root)
+	$(BIN)/python -m deploy.topology test
 
 docker-e2e: $(STAMP)  ## build the image and run api, worker and sandbox containers end to end
 	$(BIN)/python deploy/docker/e2e.py --image $(IMAGE)

@@ -16,7 +16,7 @@ from engine.store.cache import TimelineCache, wall_clock_ms
 from engine.store.fastredis import FastRedis
 from engine.strategies.activity import Candidate, record_activity, split_by_rank
 from engine.strategies.events import refresh_or_invalidate
-from engine.strategies.leader import Lease, leader_status
+from engine.strategies.leader import LAPSE_MARGIN_S, Lease, fenced_enqueues, leader_status
 from engine.strategies.runner import run_scheduler
 from engine.strategies.scheduler import Scheduler
 from tests.conftest import closed_port, new_user
@@ -180,6 +180,54 @@ async def test_a_stale_leaders_enqueue_is_refused_by_the_fence(
     assert (await scheduler.enqueue(batches, now, second.fence())).batches == len(batches)
     await second.release()
     assert (await leader_status(queue))["leader"] is None
+
+
+async def test_a_follower_wakes_when_the_held_lease_is_due_to_lapse(
+    redis_roles: dict[str, FastRedis],
+) -> None:
+    queue = redis_roles["queue"]
+    leader = Lease(queue, 10_000, "pod-a")
+    follower = Lease(queue, 10_000, "pod-b")
+    assert await leader.acquire()
+    # The leader died just after renewing: a quarter TTL (2.5 s) would be the follower's
+    # poll. Here the lease has 300 ms left, and the follower wakes right after them.
+    await queue.execute("PEXPIRE", keys.SCHEDULER_LEASE, 300)
+    delay = await follower.step()
+    assert not follower.leading
+    assert 0 < delay <= 0.3 + LAPSE_MARGIN_S
+    await asyncio.sleep(delay)  # what Lease.keep waits between steps
+    assert await follower.step() == 10 / 3 and follower.leading  # it leads: it renews
+    assert (await leader_status(queue))["leader"] == "pod-b"
+    await follower.release()
+
+
+async def test_every_fenced_enqueue_is_logged_under_its_lease_and_a_refused_one_is_not(
+    redis_roles: dict[str, FastRedis],
+) -> None:
+    queue = redis_roles["queue"]
+    await queue.execute("DEL", keys.FENCED_ENQUEUES)
+    jobs = JobQueue(queue)
+    first = Lease(queue, 1_000, "pod-a")
+    second = Lease(queue, 1_000, "pod-b")
+    assert await first.acquire()
+    stale = first.fence()
+    assert stale is not None
+    assert await jobs.schedule_batch([new_user()], "medium", origin="activity", fence=stale)
+    assert await jobs.schedule_batch([new_user()], "medium") is not None  # not fenced: no note
+    await wait_for(second.acquire, 10, "the second contender to take the expired lease")
+    assert await jobs.schedule_batch([new_user()], "low", origin="activity", fence=stale) is None
+    assert await jobs.schedule_batch([new_user()], "low", origin="activity", fence=second.fence())
+
+    log = await fenced_enqueues(queue)
+    assert [(entry.identity, entry.token) for entry in log] == [
+        ("pod-a", int(stale.value.split(":")[0])),
+        ("pod-b", int(str(second.value).split(":")[0])),
+    ]
+    # Oldest first, on Redis's clock: the newer lease enqueued later.
+    assert log[0].token < log[1].token and log[0].at_ms < log[1].at_ms
+    now = int((await queue.execute("TIME"))[0]) * 1000
+    assert now - 10_000 < log[0].at_ms <= now + 1_000
+    await second.release()
 
 
 async def test_the_scheduler_outlives_an_unreachable_redis(settings: Settings) -> None:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import yaml
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from engine.broker import dramatiq_layout as layout  # noqa: E402 - after the path is set
 from engine.broker.jobs import QUEUES  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
-from engine.settings import load_settings  # noqa: E402
+from engine.settings import Settings, load_settings  # noqa: E402
 
 KUBERNETES_VERSIONS = ("1.28.0", "1.37.0")
 KEDA_DIR = HERE / "keda"
@@ -198,6 +199,7 @@ def rule_problems(docs: list[tuple[str, Doc]], kustomization: Doc, files: list[s
             problems.append(f"hpa {doc['metadata']['name']}: targets no Deployment")
 
     queue_lists = {layout.queue_key(queue) for queue in QUEUES.values()}
+    queue_redis = _queue_location(config, settings)
     for doc in by_kind(docs, "ScaledObject"):
         name = doc["metadata"]["name"]
         if doc["spec"]["scaleTargetRef"]["name"] not in deployments:
@@ -206,16 +208,11 @@ def rule_problems(docs: list[tuple[str, Doc]], kustomization: Doc, files: list[s
         for trigger in doc["spec"]["triggers"]:
             meta = trigger.get("metadata", {})
             watched.add(meta.get("listName"))
-            wanted = {
-                "host": config.get("REDIS_HOST"),
-                "port": config.get("REDIS_PORT"),
-                "databaseIndex": str(settings.db_queue),
-            }
-            for field, value in wanted.items():
+            for field, (value, source) in queue_redis.items():
                 if meta.get(field) != value:
                     problems.append(
                         f"scaledobject {name}: trigger {field} {meta.get(field)!r}, "
-                        f"the ConfigMap says {value!r}"
+                        f"{source} says {value!r}"
                     )
         if watched != queue_lists:
             problems.append(
@@ -227,6 +224,25 @@ def rule_problems(docs: list[tuple[str, Doc]], kustomization: Doc, files: list[s
     if listed != set(files):
         problems.append(f"kustomization.yaml lists {sorted(listed)}, the files are {sorted(files)}")
     return problems
+
+
+def _queue_location(config: dict[str, str], settings: Settings) -> dict[str, tuple[str, str]]:
+    """Where the queue lists live (what KEDA must watch): BROKER_URL's host, port and DB when
+    it is set, else the cache's REDIS_HOST, REDIS_PORT and REDIS_DB_QUEUE; with the source."""
+    if settings.broker_url:
+        parts = urlsplit(settings.broker_url)
+        db = parts.path.strip("/") or str(settings.db_queue)
+        source = "the Secret's BROKER_URL"
+        return {
+            "host": (parts.hostname or "", source),
+            "port": (str(parts.port or 6379), source),
+            "databaseIndex": (db, source),
+        }
+    return {
+        "host": (config.get("REDIS_HOST", ""), "the ConfigMap"),
+        "port": (config.get("REDIS_PORT", ""), "the ConfigMap"),
+        "databaseIndex": (str(settings.db_queue), "the ConfigMap"),
+    }
 
 
 # --- self-test: each kind of mistake must be caught ---------------------------------------
@@ -298,6 +314,18 @@ MISTAKES: dict[str, tuple[Any, str]] = {
             PREFETCH_HEALTH_PORT="http"
         ),
         "PREFETCH_HEALTH_PORT",
+    ),
+    "the queue moved to BROKER_URL, KEDA still on the cache's Redis": (
+        lambda d: _find(d, "Secret", "prefetch-secrets")["stringData"].update(
+            BROKER_URL="redis://queue.example:6380/4"
+        ),
+        "the Secret's BROKER_URL says 'queue.example'",
+    ),
+    "a Redis Cluster without BROKER_URL": (
+        lambda d: _find(d, "ConfigMap", "prefetch-config")["data"].update(
+            REDIS_CLUSTER_MODE="true"
+        ),
+        "needs BROKER_URL",
     ),
     "a PDB selecting nothing": (
         lambda d: _find(d, "PodDisruptionBudget", "prefetch-api")["spec"]["selector"][

@@ -103,9 +103,10 @@ def encoder_broker() -> PrefetchBroker:
 
 async def push(redis: FastRedis, message: Outgoing, fence: tuple[str, str] | None = None) -> bool:
     """Write `message` as Dramatiq's enqueue does; with a fence (key, value), only while the
-    key holds the value, in the same atomic step. Returns whether it was written."""
-    fence_keys = [fence[0]] if fence is not None else []
-    fence_args = [fence[1]] if fence is not None else []
+    key holds the value, in the same atomic step (and noted in keys.FENCED_ENQUEUES).
+    Returns whether it was written."""
+    fence_keys: list[str] = [fence[0], keys.FENCED_ENQUEUES] if fence is not None else []
+    fence_args: list[Arg] = [fence[1], keys.FENCED_ENQUEUES_KEEP] if fence is not None else []
     written = await redis.evalsha_or_eval(
         PUSH,
         [queue_key(message.queue), messages_key(message.queue), *fence_keys],

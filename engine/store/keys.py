@@ -25,9 +25,10 @@ group on a Redis Cluster, where a script's keys must share one slot):
   fleet, far below one node's capacity, and a per-day total would otherwise need a fan-out
   read.
 - On the queue's single node (BROKER_URL), never on the Cluster: Dramatiq's layout, pending
-  marks, the failed list and counters, the strategy claims and the scheduler lease. The
-  enqueue, settle and retry scripts (engine/broker/*.lua) combine a user's pending mark or the
-  lease's fence with the queues' keys, and Dramatiq's own scripts span every queue.
+  marks, the failed list and counters, the strategy claims, the scheduler lease and its log of
+  fenced enqueues. The enqueue, settle and retry scripts (engine/broker/*.lua) combine a
+  user's pending mark or the lease's fence with the queues' keys, and Dramatiq's own scripts
+  span every queue.
 """
 
 from __future__ import annotations
@@ -152,5 +153,9 @@ SCHEDULER_LEASE = f"{PREFIX}:scheduler:{{leader}}:lease"
 SCHEDULER_TOKENS = f"{PREFIX}:scheduler:{{leader}}:tokens"
 SCHEDULER_STATUS = f"{PREFIX}:scheduler:{{leader}}:status"  # hash: the last tick's report
 SCHEDULER_TICKS = f"{PREFIX}:scheduler:{{leader}}:ticks"  # hash identity -> ticks it ran
+# The last FENCED_ENQUEUES_KEEP enqueues made under a fence, newest first, each
+# `<lease value> <Redis time in ms>` (push.lua): which leader enqueued what, and when.
+FENCED_ENQUEUES = f"{PREFIX}:scheduler:{{leader}}:enqueues"
+FENCED_ENQUEUES_KEEP = 1000
 # Health checks write it (with a short expiry) to find out whether Redis accepts writes.
 HEALTH_PROBE = f"{PREFIX}:health:probe"

@@ -2,7 +2,9 @@
 
 The lease is `SET NX PX` (in acquire.lua, under a fencing token from a counter that only
 grows), renewed by compare-and-extend every third of its TTL and released by
-compare-and-delete. Its value, `<token>:<identity>`, is the fence of every enqueue the leader
+compare-and-delete. A follower polls every quarter TTL, and wakes when the held lease is due
+to lapse: a dead leader is replaced within a round trip of its lease lapsing, so within one
+TTL of its last renewal. Its value, `<token>:<identity>`, is the fence of every enqueue the leader
 makes (engine.broker.jobs.Fence, checked inside the enqueue script): a leader that was
 paused (SIGSTOP, a long GC, a partition) past its TTL and wakes after another took over
 cannot enqueue, even if it still believes it leads. Locally, a leader stops believing it
@@ -19,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from engine.broker.jobs import Fence
@@ -32,6 +35,8 @@ _ACQUIRE = Script.load(__file__, "lease_acquire.lua")
 _RENEW = Script.load(__file__, "lease_renew.lua")
 _RELEASE = Script.load(__file__, "lease_release.lua")
 _REPORT = Script.load(__file__, "report.lua")
+# A follower wakes this long after the held lease was due to lapse (timer granularity).
+LAPSE_MARGIN_S = 0.01
 
 
 def default_identity() -> str:
@@ -55,6 +60,7 @@ class Lease:
         self._monotonic = monotonic
         self._value: str | None = None
         self._valid_until = 0.0
+        self._held_for_s: float | None = None  # what the held lease had left at the last try
 
     @property
     def leading(self) -> bool:
@@ -74,10 +80,12 @@ class Lease:
     async def acquire(self) -> bool:
         """Take the lease if it is free; True when this contender now leads."""
         sent = self._monotonic()
+        self._held_for_s = None
         value = await self._redis.evalsha_or_eval(
             _ACQUIRE, [keys.SCHEDULER_LEASE, keys.SCHEDULER_TOKENS], [self.identity, self.ttl_ms]
         )
-        if value is None:
+        if isinstance(value, int):  # held by another: the ms it has left
+            self._held_for_s = value / 1000 if value >= 0 else None
             return False
         self._value = value.decode()
         self._valid_until = sent + self.ttl_ms / 1000
@@ -138,9 +146,13 @@ class Lease:
             log.warning("scheduler lease: %r", exc)
             if not self.leading:
                 self._value = None
-        # Renew thrice per TTL; poll a held lease four times per TTL, so a dead leader's
-        # successor takes over within one TTL of the last renewal.
-        return ttl_s / 3 if self._value is not None else ttl_s / 4
+        # Renew thrice per TTL. Poll a held lease four times per TTL, and right after it is
+        # due to lapse: a dead leader's successor takes over within one TTL of the last renewal.
+        if self._value is not None:
+            return ttl_s / 3
+        if self._held_for_s is not None:
+            return min(ttl_s / 4, self._held_for_s + LAPSE_MARGIN_S)
+        return ttl_s / 4
 
     async def keep(self, stop: asyncio.Event) -> None:
         """Acquire and renew until `stop` is set, then release."""
@@ -156,6 +168,25 @@ class Lease:
                 await self.release()
             except Exception as exc:
                 log.warning("scheduler lease not released: %r", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class FencedEnqueue:
+    """One enqueue made under a leader's fence (keys.FENCED_ENQUEUES)."""
+
+    token: int
+    identity: str
+    at_ms: int  # Redis's clock
+
+
+async def fenced_enqueues(queue: RedisClient) -> list[FencedEnqueue]:
+    """The logged fenced enqueues (the newest FENCED_ENQUEUES_KEEP), oldest first."""
+    found: list[FencedEnqueue] = []
+    for raw in reversed(await queue.execute("LRANGE", keys.FENCED_ENQUEUES, 0, -1)):
+        lease, _, at = raw.decode().rpartition(" ")
+        token, _, identity = lease.partition(":")
+        found.append(FencedEnqueue(int(token), identity, int(at)))
+    return found
 
 
 async def leader_status(queue: RedisClient) -> dict[str, Any]:

@@ -84,10 +84,10 @@ class TickReport:
             "batches": self.batches,
             "wasted": self.wasted,
         }
-        for origin, count in self.candidates.items():
-            out[f"candidates.{origin}"] = count
-        for origin, count in self.selected.items():
-            out[f"enqueued.{origin}"] = count
+        # Every strategy's counts, zeros included: a tick that enqueued nothing says so.
+        for origin in self.candidates.keys() | self.selected.keys():
+            out[f"candidates.{origin}"] = self.candidates.get(origin, 0)
+            out[f"enqueued.{origin}"] = self.selected.get(origin, 0)
         return out
 
 
