@@ -7,7 +7,7 @@ COPY engine ./engine
 COPY api ./api
 COPY sandbox ./sandbox
 COPY prefetch ./prefetch
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install ".[tracing]"
 
 FROM python:3.11-slim
 # PREFETCH_HEALTH_PORT: the supervisor's /live, /ready and /metrics (a worker container has

@@ -33,9 +33,11 @@ from dramatiq.broker import MessageProxy
 from dramatiq.errors import RateLimitExceeded, Retry
 from dramatiq.middleware import SkipMessage
 
+from engine import tracing
 from engine.broker import dramatiq_layout as layout
 from engine.broker.dramatiq_worker import LoopWorker, discard_outstanding
 from engine.errors import RedisReplyError, RedisUnavailable
+from engine.metrics import prometheus
 from engine.store.fastredis import Arg, FastRedis
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class Executor:
                     return
             self._idle = False
             self._free -= 1
+            prometheus.JOBS_IN_FLIGHT.inc()
             self._held.add(item.message.options["redis_message_id"])
             task = self._loop.create_task(self._run(item.message))
             self._running.add(task)
@@ -141,6 +144,7 @@ class Executor:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._free += 1
+        prometheus.JOBS_IN_FLIGHT.dec()
         self._worker.work_queue.task_done()
         if not task.cancelled() and task.exception() is not None:
             log.error("job runner crashed", exc_info=task.exception())
@@ -151,8 +155,11 @@ class Executor:
     async def _run(self, message: MessageProxy) -> None:
         pause = RERUN_BACKOFF_S[0]
         while True:
-            with layout.deferred() as ledger:
+            # With tracing on, each attempt is a span continuing the message's schedule.
+            with layout.deferred() as ledger, tracing.job_span(message) as span:
                 verb = await self._attempt(message, ledger)
+                if span is not None:
+                    span.set_attribute("prefetch.job.outcome", verb or "rerun")
             if verb is not None:
                 self._finish(message, verb, ledger)
                 return
