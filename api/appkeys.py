@@ -29,5 +29,8 @@ SCRAPER = web.AppKey("scraper", Scraper)  # GET /metrics, read off the event loo
 CACHE_COUNTS = web.AppKey("cache_counts", Memo[tuple[dict[str, Any], int]])
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# time.perf_counter() when the app took the request: the access log's duration (uvloop's
+# loop.time(), which aiohttp measures with, moves in whole milliseconds).
+REQUEST_STARTED = web.RequestKey("request_started", float)
 # GET /api/cache/{userId}: "hit" or "miss", for the request duration metric's `cache` label.
 READ_RESULT = web.RequestKey("read_result", str)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from api.access_log import route_of
-from api.appkeys import ERROR_LOG, REQUEST_ID
+from api.appkeys import ERROR_LOG, REQUEST_ID, REQUEST_STARTED
 from api.responses import error_response
 from engine import logs, tracing
 from engine.errors import PrefetchError
@@ -87,6 +88,7 @@ def _prefetch_error(exc: PrefetchError, request_id: str, request: web.Request) -
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tag the response with X-Request-Id; turn exceptions into error envelopes."""
+    request[REQUEST_STARTED] = time.perf_counter()
     request_id = request_id_of(request)
     request[REQUEST_ID] = request_id
     token = logs.REQUEST_ID.set(request_id)

@@ -144,6 +144,10 @@ def _initialise() -> None:
             UPSTREAM_ERRORS.labels(upstream=upstream, kind=kind)
     for outcome in ("valid", "invalid", "error"):
         CA_CALLS.labels(outcome=outcome)
+    # What the tick's strategies select: activity sends high or medium, predictive medium.
+    selected = (("activity", "high"), ("activity", "medium"), ("predictive", "medium"))
+    for origin, priority in selected:
+        SCHEDULER_SELECTED.labels(origin=origin, priority=priority)
     for origin in ORIGINS:
         for status in ("completed", "failed"):
             OPERATIONS.labels(origin=origin, status=status)
