@@ -6,7 +6,7 @@ aiohttp calls an access logger once a response has been written (its public hook
 counts the request in `prefetch_http_requests_total{route,method,status}` and
 `prefetch_http_request_duration_seconds{route,cache}` (`cache` is hit or miss for a timeline
 read, so that a cached read's p99 stands apart from read-throughs; none elsewhere), whatever
-the access log setting.
+the access log setting (tallied in memory, published once a second: api/http_metrics.py).
 
 `route` is the route's template (`/api/cache/{userId}`), never the raw path, so that the
 metrics' label sets stay few: a path that matched no route is `unmatched`, a request the
@@ -21,53 +21,40 @@ from __future__ import annotations
 import logging
 import random
 import time as clock
-from typing import Any, ClassVar, Final
+from typing import ClassVar, Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from prometheus_client import Counter, Histogram
 
+from api import http_metrics
 from api.appkeys import READ_RESULT, REQUEST_STARTED
-from engine.metrics import prometheus
 
 ACCESS_LOGGER: Final = logging.getLogger("access")
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 UNMATCHED: Final = "unmatched"
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+FIELDS: Final = (
+    "method",
+    "route",
+    "path",
+    "status",
+    "duration_ms",
+    "bytes",
+    "remote",
+    "request_id",
+)
 
-# Label children by (route, method, status) and by (route, cache): labels() costs a lock and
-# a dict look-up of its own; the sets are bounded by the routes, methods and statuses there are.
-_counters: dict[tuple[str, str, int], Any] = {}
-_histograms: dict[tuple[str, str], Any] = {}
 
-
-def route_of(request: Any) -> str:
+def route_of(request: web.BaseRequest) -> str:
     """The template of the route that served `request`; `unmatched`, or `-` before routing."""
     try:
-        match_info = request.match_info  # a BaseRequest has none; an unrouted Request asserts
-    except (AttributeError, AssertionError):
+        match_info = request.match_info  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):  # a BaseRequest has none; an unrouted one asserts
         return "-"
     if match_info is None:
         return "-"
     resource = match_info.route.resource
     return UNMATCHED if resource is None else str(resource.canonical)
-
-
-def observe(route: str, method: str, status: int, seconds: float, cache: str = "none") -> None:
-    """Count one answered request in the HTTP metrics (`cache`: hit or miss for a read)."""
-    key = (route, method, status)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = _labels(prometheus.HTTP_REQUESTS, route, method, str(status))
-    counter.inc()
-    histogram = _histograms.get((route, cache))
-    if histogram is None:
-        histogram = _histograms[route, cache] = _labels(prometheus.HTTP_DURATION, route, cache)
-    histogram.observe(seconds)
-
-
-def _labels(metric: Counter | Histogram, *values: str) -> Any:
-    return metric.labels(*values)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -84,7 +71,7 @@ class AccessLogger(AbstractAccessLogger):
         method = request.method if request.method in METHODS else "OTHER"
         route = route_of(request)
         status = response.status
-        observe(route, method, status, time, request.get(READ_RESULT, "none"))
+        http_metrics.observe(route, method, status, time, request.get(READ_RESULT, "none"))
         sample = self.sample
         if sample < 1.0 and status < 500 and (sample <= 0.0 or random.random() >= sample):
             return
@@ -92,15 +79,17 @@ class AccessLogger(AbstractAccessLogger):
         if not logger.isEnabledFor(logging.INFO):
             return
         size = response.content_length
+        path = request.path
         logger.info(
             "%s %s %d",
             method,
-            request.path,
+            path,
             status,
             extra={
+                "fields": FIELDS,  # engine.logs.JsonFormatter writes these without a search
                 "method": method,
                 "route": route,
-                "path": request.path,
+                "path": path,
                 "status": status,
                 "duration_ms": round(time * 1000, 3),
                 "bytes": size if size is not None else response.body_length,

@@ -8,12 +8,14 @@ Serving it is api.server.make_runner's business (limits, parser errors, the acce
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import views_cache, views_health, views_prefetch
+from api import http_metrics, views_cache, views_health, views_prefetch
 from api.activity import ActivityBatcher
 from api.appkeys import (
     ACTIVITY,
@@ -47,7 +49,9 @@ def setup_runtime(app: web.Application) -> None:
             app[AUTH] = Authenticator(
                 runtime.ca, settings.auth_cache_ttl_ms, settings.auth_cache_size
             )
-            app[SCRAPER] = Scraper(settings.metrics_dir, runtime.jobs.stats)
+            app[SCRAPER] = Scraper(
+                settings.metrics_dir, runtime.jobs.stats, before=http_metrics.flush
+            )
             yield
 
     app.cleanup_ctx.append(runtime_context)
@@ -66,6 +70,27 @@ def setup_activity(app: web.Application) -> None:
             await batcher.stop()
 
     app.cleanup_ctx.append(activity_context)
+
+
+def setup_metrics(app: web.Application) -> None:
+    """Publish the per-request metrics tallied in memory once a second (api/http_metrics)."""
+
+    async def publish() -> None:
+        while True:
+            await asyncio.sleep(http_metrics.FLUSH_INTERVAL_S)
+            http_metrics.flush()
+
+    async def metrics_context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(publish(), name="http-metrics")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            http_metrics.flush()
+
+    app.cleanup_ctx.append(metrics_context)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -87,5 +112,6 @@ def create_app(settings: Settings) -> web.Application:
     app[CACHE_COUNTS] = Memo(views_health.CACHE_COUNTS_TTL_S)
     setup_runtime(app)
     setup_activity(app)
+    setup_metrics(app)
     setup_routes(app)
     return app

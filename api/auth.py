@@ -25,9 +25,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
+from api import http_metrics
 from engine import wire
 from engine.errors import AuthError, CAUnavailable, Forbidden
-from engine.metrics import prometheus
 from engine.upstream import CAClient
 
 INVALID_TTL_S: Final = 5.0
@@ -139,10 +139,10 @@ class Authenticator:
         key = cache_key(token)
         grant = self._cache.get(key)
         if grant is None or grant.deadline <= time.monotonic():
-            prometheus.AUTH_MISS.inc()
+            http_metrics.auth_miss()
             grant = await self._validate(key, token)
         else:
-            prometheus.AUTH_HIT.inc()
+            http_metrics.auth_hit()
             self._cache.move_to_end(key)
         if not grant.valid:
             raise AuthError(f"Token rejected: {grant.reason}", code="INVALID_TOKEN")

@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 REQUEST_ID: Final = contextvars.ContextVar[str | None]("request_id", default=None)
@@ -60,6 +62,25 @@ class JsonFormatter(OrjsonFormatter):
 
     def __init__(self) -> None:
         super().__init__([], timestamp=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The line; an access line (fields known in advance) without the generic walk."""
+        fields: tuple[str, ...] | None = getattr(record, "fields", None)
+        if fields is None or record.exc_info:
+            return super().format(record)
+        # One per API request: python-json-logger's merge visits every attribute of the
+        # record to find the extras; here they are named. Same keys, same order.
+        data: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, tz=UTC),
+            "level": record.levelname,
+            "role": getattr(record, "role", _role),
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in fields:
+            data[name] = getattr(record, name, None)
+        return orjson.dumps(data, default=str).decode()
 
     def add_fields(
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]

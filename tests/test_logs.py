@@ -180,6 +180,8 @@ async def test_an_access_line_per_request_with_route_status_duration_and_bytes(
         assert line["bytes"] == int(reply.headers["Content-Length"])  # gzip on the wire
         assert line["duration_ms"] > 0
         assert line["remote"] == "127.0.0.1"
+    assert list(read)[:6] == ["timestamp", "level", "role", "pid", "logger", "message"]
+    assert read["role"] == "api" and read["timestamp"].endswith("+00:00")
     assert read["route"] == hit["route"] == "/api/cache/{userId}"
     assert read["path"] == f"/api/cache/{reader}" and read["status"] == 200
     assert read["message"] == f"GET /api/cache/{reader} 200"

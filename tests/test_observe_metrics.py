@@ -92,6 +92,43 @@ async def test_requests_are_counted_by_route_template_method_and_status(api: Api
     assert other >= 1
 
 
+def test_tallied_observations_land_in_the_right_buckets() -> None:
+    # api/http_metrics fills the histogram through prometheus_client's internals: the
+    # exposition must count exactly what was observed (a value on a bound is in its bucket).
+    from prometheus_client import REGISTRY, generate_latest
+
+    from api import http_metrics
+
+    for seconds in (0.0004, 0.0015, 0.003, 20.0):
+        http_metrics.observe("/test/buckets", "GET", 200, seconds, "hit")
+    http_metrics.auth_hit()
+    hits_before = samples(generate_latest(REGISTRY).decode())[
+        ("prefetch_auth_cache_total", frozenset({("result", "hit")}))
+    ]
+    http_metrics.flush()
+    found = samples(generate_latest(REGISTRY).decode())
+
+    def bucket(le: str) -> float:
+        labels = {("route", "/test/buckets"), ("cache", "hit"), ("le", le)}
+        return found[("prefetch_http_request_duration_seconds_bucket", frozenset(labels))]
+
+    assert [bucket(le) for le in ("0.0005", "0.001", "0.0015", "0.003", "10.0", "+Inf")] == [
+        1,
+        1,
+        2,
+        3,
+        3,
+        4,
+    ]
+    labels = frozenset({("route", "/test/buckets"), ("cache", "hit")})
+    assert found[("prefetch_http_request_duration_seconds_count", labels)] == 4
+    assert found[("prefetch_http_request_duration_seconds_sum", labels)] == pytest.approx(20.0049)
+    requests = {("route", "/test/buckets"), ("method", "GET"), ("status", "200")}
+    assert found[("prefetch_http_requests_total", frozenset(requests))] == 4
+    auth = found[("prefetch_auth_cache_total", frozenset({("result", "hit")}))]
+    assert auth == hits_before + 1
+
+
 async def test_unrouted_paths_share_one_label(api: ApiClient) -> None:
     labels = {"route": "unmatched", "method": "GET", "status": "404"}
     before = await value(api, "prefetch_http_requests_total", **labels)

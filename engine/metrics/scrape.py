@@ -71,9 +71,15 @@ def queue_depth_text(stats: dict[str, Any] | None) -> bytes:
 class Scraper:
     """Serves one process's /metrics: one scrape at a time, shared by concurrent callers."""
 
-    def __init__(self, multiprocess_dir: str, queue_stats: QueueStats | None) -> None:
+    def __init__(
+        self,
+        multiprocess_dir: str,
+        queue_stats: QueueStats | None,
+        before: Callable[[], None] | None = None,
+    ) -> None:
         self._dir = multiprocess_dir
         self._queue_stats = queue_stats
+        self._before = before  # on the loop, first: publish what this process tallied
         self._flight: asyncio.Future[tuple[bytes, str]] | None = None
         self._throttle = LogThrottle(log)
 
@@ -92,6 +98,8 @@ class Scraper:
             flight.exception()  # retrieved: a scrape nobody waits for any more must not warn
 
     async def _scrape(self) -> tuple[bytes, str]:
+        if self._before is not None:
+            self._before()
         stats: dict[str, Any] | None = None
         if self._queue_stats is not None:
             try:
