@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,15 @@ from engine import logs
 from engine.errors import ConfigError
 from engine.settings import Settings, load_settings, retired_warnings
 from tests.conftest import ApiClient, new_user, serve_api
-from tests.engine_support import Engine, log_records, user, wait_for
+from tests.engine_support import Engine, clean_env, log_records, spawn, user, wait_for
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Captured:
@@ -250,3 +257,33 @@ async def test_workers_log_json_with_their_role_and_the_job_context(
         assert {r["role"] for r in records} >= {"supervisor", "worker"}
         # The supervisor runs no job: none of its lines has a job's context.
         assert not [r for r in records if r["role"] == "supervisor" and "job_id" in r]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+async def test_a_role_starts_with_one_line_saying_what_it_uses(tmp_path: Path, fmt: str) -> None:
+    env = clean_env(
+        TIMELINE_SERVICE_URL=f"http://127.0.0.1:{free_port()}",
+        CA_URL=f"http://127.0.0.1:{free_port()}",
+        LOG_FORMAT=fmt,
+        LOG_DIR="./logs",  # retired: a warning, not a failure
+        PREFETCH_METRICS_DIR=str(tmp_path / "metrics"),
+    )
+    sandbox = spawn("sandbox", env, tmp_path / "sandbox.log")
+
+    def started() -> str | None:
+        text = sandbox.log()
+        return text if "starting sandbox" in text else None
+
+    try:
+        text = await wait_for(started, 20, "the sandbox's start line")
+    finally:
+        sandbox.kill()
+    lines = text.splitlines()
+    if fmt == "json":
+        warning, start = (json.loads(line) for line in lines[:2])
+        assert warning["level"] == "WARNING" and "LOG_DIR is ignored" in warning["message"]
+        assert start["role"] == "sandbox" and start["logger"] == "prefetch"
+        assert start["config"]["timeline"] == env["TIMELINE_SERVICE_URL"]
+    else:
+        assert " WARNING sandbox[" in lines[0] and "LOG_DIR is ignored" in lines[0]
+        assert " INFO sandbox[" in lines[1] and "prefetch: starting sandbox" in lines[1]
