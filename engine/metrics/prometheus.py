@@ -1,9 +1,13 @@
-"""Prometheus metrics (the seed's names), shared by every process of a pod.
+"""Prometheus metrics, shared by every process of a pod: the seed's names, the strategies',
+and what an operator needs (HTTP requests, upstream errors by kind, CA calls and the auth
+cache, jobs in flight). README, "Observability", lists them; the queue's depth is read at
+scrape time (engine/metrics/scrape.py), and the per-request ones are tallied by the API
+before they land here (api/http_metrics.py).
 
 When PREFETCH_METRICS_DIR is set (the CLI exports it as PROMETHEUS_MULTIPROC_DIR before
-anything imports this module),
-each process writes its values to files there and GET /metrics aggregates them; otherwise
-the process's own registry is served (tests, single-process use).
+anything imports this module), each process writes its values to files there and GET
+/metrics aggregates them; otherwise the process's own registry is served (tests,
+single-process use).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_DURATION = Histogram(
     "prefetch_http_request_duration_seconds",
-    "API request duration, from its head read to its last byte written, by route template, "
+    "API request duration, from the app taking it to its last byte written, by route template, "
     "and for timeline reads whether the cache had it (cache: hit, miss; none elsewhere)",
     ["route", "cache"],
     buckets=HTTP_BUCKETS,
