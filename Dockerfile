@@ -7,7 +7,10 @@ COPY engine ./engine
 COPY api ./api
 COPY sandbox ./sandbox
 COPY prefetch ./prefetch
-RUN pip install --no-cache-dir --prefix=/install .
+# The package itself with its `tracing` extra (OTEL_TRACES_EXPORTER=otlp works in the image);
+# versions are bounded by pyproject.toml, which hadolint cannot see through an extra.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --prefix=/install ".[tracing]"
 
 FROM python:3.11-slim
 # PREFETCH_HEALTH_PORT: the supervisor's /live, /ready and /metrics (a worker container has

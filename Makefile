@@ -13,6 +13,8 @@ HOST ?= http://127.0.0.1:3005
 P99_MS ?= 100
 MAX_ERROR_RATE ?= 0.01
 IMAGE ?= exprsn-prefetch:e2e
+# promtool checks and unit-tests the alert rules when installed (auto); CI says required.
+PROMTOOL ?= auto
 DEPLOY_STAMP := $(VENV)/.deploy-stamp
 FUZZ_STAMP := $(VENV)/.fuzz-stamp
 FUZZ_EXAMPLES ?= 30
@@ -88,9 +90,10 @@ $(DEPLOY_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,deploy]'
 	touch $(DEPLOY_STAMP)
 
-deploy-lint: $(DEPLOY_STAMP)  ## hadolint the Dockerfile, validate every Kubernetes manifest
+deploy-lint: $(DEPLOY_STAMP)  ## hadolint, the Kubernetes manifests, the dashboard and the alert rules
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python deploy/k8s/validate.py --self-test
+	$(BIN)/python deploy/prometheus/check.py --promtool $(PROMTOOL)
 
 $(FUZZ_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,fuzz]'

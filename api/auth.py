@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
+from api import http_metrics
 from engine import wire
 from engine.errors import AuthError, CAUnavailable, Forbidden
 from engine.upstream import CAClient
@@ -140,8 +141,10 @@ class Authenticator:
         key = cache_key(token)
         grant = self._cache.get(key)
         if grant is None or grant.deadline <= time.monotonic():
+            http_metrics.auth_miss()
             grant = await self._validate(key, token)
         else:
+            http_metrics.auth_hit()
             self._cache.move_to_end(key)
         if not grant.valid:
             raise AuthError(f"Token rejected: {grant.reason}", code="INVALID_TOKEN")

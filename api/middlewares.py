@@ -1,14 +1,18 @@
-"""The one middleware: a request id on every response, and every failure as the error envelope.
+"""The middleware: a request id on every response (and log line), every failure as the error
+envelope; and, only while tracing is on, a server span around each request.
 
-It is one middleware rather than two because each costs a coroutine frame per request, and
-the error path must set the request id too. Errors raised on purpose (`PrefetchError`) carry
-their status and code; a client sees their `public_message`, never a host, port or parser
-detail, and a dependency failure (5xx) is logged in one line with the request id and those
-details (rate-limited per code: an outage fails many requests alike). aiohttp's own HTTP
-errors (unknown route, wrong method, body too large) are mapped to the contract's codes;
-anything else is logged with the request id and its traceback, and answered 500 without
-internals. What aiohttp answers before a request reaches the app (malformed HTTP) is
-api.server's business.
+The envelope is one middleware rather than two because each costs a coroutine frame per
+request, and the error path must set the request id too. For the same reason the tracing
+middleware is in the app only when tracing is (api.app.create_app). The request id is also
+the `request_id` of every line logged while the request is served (engine.logs).
+
+Errors raised on purpose (`PrefetchError`) carry their status and code; a client sees their
+`public_message`, never a host, port or parser detail, and a dependency failure (5xx) is
+logged in one line with the request id and those details (rate-limited per code: an outage
+fails many requests alike). aiohttp's own HTTP errors (unknown route, wrong method, body too
+large) are mapped to the contract's codes; anything else is logged with the request id and its
+traceback, and answered 500 without internals. What aiohttp answers before a request reaches
+the app (malformed HTTP) is api.server's business.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from api.appkeys import ERROR_LOG, REQUEST_ID
+from api.access_log import route_of
+from api.appkeys import ERROR_LOG, REQUEST_ID, REQUEST_STARTED
 from api.responses import error_response
+from engine import logs, tracing
 from engine.errors import PrefetchError
 
 log = logging.getLogger(__name__)
@@ -81,8 +88,10 @@ def _prefetch_error(exc: PrefetchError, request_id: str, request: web.Request) -
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tag the response with X-Request-Id; turn exceptions into error envelopes."""
+    request[REQUEST_STARTED] = time.perf_counter()
     request_id = request_id_of(request)
     request[REQUEST_ID] = request_id
+    token = logs.REQUEST_ID.set(request_id)
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -93,5 +102,35 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     except Exception:
         log.exception("request %s %s %s failed", request_id, request.method, request.path)
         response = error_response(500, "INTERNAL_ERROR", "Internal server error")
+    finally:
+        # The connection's task serves its next request with this context: no stale id.
+        logs.REQUEST_ID.reset(token)
     response.headers[REQUEST_ID_HEADER] = request_id
     return response
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A server span around the request (outermost: it sees the enveloped answer), continuing
+    the caller's `traceparent`."""
+    if tracing.tracer is None:
+        return await handler(request)
+    route = route_of(request)
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": route,
+        "url.path": request.path,
+    }
+    parent = tracing.extract(request.headers)
+    with tracing.span(f"{request.method} {route}", "server", attributes, parent) as span:
+        response = await handler(request)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status)
+            request_id = response.headers.get(REQUEST_ID_HEADER)
+            if request_id is not None:
+                span.set_attribute("prefetch.request_id", request_id)
+            if response.status >= 500:
+                from opentelemetry.trace import StatusCode
+
+                span.set_status(StatusCode.ERROR)
+        return response

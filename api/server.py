@@ -36,6 +36,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from api.access_log import ACCESS_LOGGER, access_logger_class
 from api.responses import error_response, json_body_bytes
 from engine.settings import Settings
 from engine.throttle import LogThrottle
@@ -322,7 +323,10 @@ def make_runner(app: web.Application, settings: Settings) -> EnvelopeRunner:
     return EnvelopeRunner(
         app,
         limits,
-        access_log=None,
+        # aiohttp's public hook, called once a response is written (api/access_log.py): the
+        # HTTP metrics always, and the access log line as ACCESS_LOG says.
+        access_log_class=access_logger_class(settings.access_log_sample),
+        access_log=ACCESS_LOGGER,
         handle_signals=False,
         keepalive_timeout=KEEPALIVE_S,
         auto_decompress=False,

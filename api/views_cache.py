@@ -22,7 +22,7 @@ from functools import lru_cache
 from aiohttp import web
 
 from api import validation
-from api.appkeys import ACTIVITY, AUTH, RUNTIME
+from api.appkeys import ACTIVITY, AUTH, READ_RESULT, RUNTIME
 from api.responses import JSON, success
 from engine.errors import NotFound
 from engine.metrics import prometheus
@@ -140,10 +140,12 @@ async def get_timeline(request: web.Request) -> web.Response:
         tier, stored = found
         runtime.stats.hit(tier)
         (prometheus.HOT_HIT if tier == "hot" else prometheus.WARM_HIT).inc()
+        request[READ_RESULT] = "hit"
         app[ACTIVITY].add(user, tier)
         return _timeline_response(request, stored)
     runtime.stats.miss()
     prometheus.CACHE_MISSES.inc()
+    request[READ_RESULT] = "miss"
     if request.query.get("cacheOnly") == "true":
         raise NotFound("Timeline not cached")
     # Plain JSON with meta.cached false; upstream failures carry their status and code.

@@ -20,10 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from api.appkeys import CACHE_COUNTS, RUNTIME, SETTINGS, STARTED_AT
+from api.appkeys import CACHE_COUNTS, RUNTIME, SCRAPER, SETTINGS, STARTED_AT
 from api.responses import iso_now, json_response
 from engine.errors import PrefetchError, RedisRefused
-from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.client import RedisClient
 from engine.strategies.leader import leader_status
@@ -287,8 +286,9 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def prometheus_text(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text, aggregated over the pod's processes when multiprocess."""
-    body, content_type = prometheus.render(request.app[SETTINGS].metrics_dir)
+    """GET /metrics: Prometheus text, aggregated over the pod's processes when multiprocess,
+    with the queue's depth (engine/metrics/scrape.py)."""
+    body, content_type = await request.app[SCRAPER].scrape()
     # content_type= would reject the charset parameter that Prometheus's type carries.
     return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -381,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 CACHE_COMPRESSION=compression,
                 PREFETCH_METRICS_DIR=services.logs / f"metrics-{compression}",
                 SERVICE_CERTIFICATE_TOKEN=SERVICE_TOKEN,
+                LOG_LEVEL=args.api_log_level,
                 **upstreams,
             )
             api = services.prefetch("api", env, name=f"api-{compression}")
@@ -519,6 +520,11 @@ def main() -> None:
     parser.add_argument("--compression", choices=("gzip", "none", "both"), default="both")
     parser.add_argument(
         "--redis-url", default=None, help="default: $REDIS_URL, else an embedded Valkey"
+    )
+    parser.add_argument(
+        "--api-log-level",
+        default="warning",
+        help="the API's LOG_LEVEL: info writes an access log line per request (to its log file)",
     )
     parser.add_argument("--redis-requests", type=int, default=200_000)
     parser.add_argument("--skip-redis-benchmark", action="store_true")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from engine import wire
+from engine import tracing, wire
 from engine.errors import RedisUnavailable
 from engine.metrics import prometheus
 from engine.metrics.daily import StatsRecorder
@@ -95,6 +95,15 @@ class Prefetcher:
         A fresh hot entry makes it a no-op unless `force` (an event changed the timeline).
         `origin` marks the stored entry as prefetched by it, until a read serves it.
         """
+        if tracing.tracer is not None:
+            attributes = {"prefetch.user_id": user_id, "prefetch.priority": priority}
+            with tracing.span("prefetch", attributes=attributes):
+                return await self._prefetch(user_id, priority, force, count_cached, origin)
+        return await self._prefetch(user_id, priority, force, count_cached, origin)
+
+    async def _prefetch(
+        self, user_id: str, priority: str, force: bool, count_cached: bool, origin: str | None
+    ) -> PrefetchResult:
         started = time.perf_counter()
         tier = tier_of(priority)
         ticket = await self.cache.begin(user_id, tier, check_hot=not force, origin=origin)
@@ -133,7 +142,8 @@ class Prefetcher:
 
     async def _bounded_read_through(self, user_id: str) -> ReadThrough:
         async with self._read_through_slots:
-            return await self._read_through(user_id)
+            with tracing.span("read-through", attributes={"prefetch.user_id": user_id}):
+                return await self._read_through(user_id)
 
     async def _read_through(self, user_id: str) -> ReadThrough:
         started = time.perf_counter()

@@ -19,12 +19,15 @@ from collections.abc import Callable
 
 import setproctitle
 
+from engine import logs
+
 _PR_SET_PDEATHSIG = 1
 
 
 def set_title(title: str) -> None:
-    """Name this process for `ps`, e.g. `prefetch: worker 1`."""
+    """Name this process for `ps`, e.g. `prefetch: worker 1`, and its log lines' role (worker)."""
     setproctitle.setproctitle(title)
+    logs.set_role(title.removeprefix("prefetch: ").split(" ", 1)[0])
 
 
 def become_child(death_signal: int = signal.SIGTERM) -> None:

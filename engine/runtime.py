@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from engine import tracing
 from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue
 from engine.metrics.daily import StatsRecorder
@@ -94,6 +95,13 @@ def queue_client(redis: dict[str, RedisClient]) -> FastRedis:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIterator[Runtime]:
     """Open the process's resources; close them in reverse order on exit."""
+    with tracing.session(settings):
+        async with _open_runtime(settings, http_limit) as runtime:
+            yield runtime
+
+
+@contextlib.asynccontextmanager
+async def _open_runtime(settings: Settings, http_limit: int) -> AsyncIterator[Runtime]:
     redis = redis_clients(settings)
     try:
         session = make_session(http_limit)

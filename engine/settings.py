@@ -83,7 +83,10 @@ class Settings:
     metrics_retention_days: int = 90
     metrics_dir: str = ""
     log_level: str = "INFO"
-    log_dir: str = "./logs"
+    log_format: str = ""  # json | text; empty: the role's default (text for `prefetch dev`)
+    access_log_sample: float = 1.0  # share of API requests with an access log line (0: off)
+    otel_traces_exporter: str = "none"  # none | otlp | console: tracing is off unless set
+    otel_service_name: str = "exprsn-prefetch"
 
     @property
     def hot_ttl_s(self) -> int:
@@ -257,6 +260,25 @@ def _log_level(raw: str) -> str:
     return _LOG_LEVELS[_choice(*_LOG_LEVELS)(raw)]
 
 
+def _access_log(raw: str) -> float:
+    """`on` (1.0), `off` (0.0) or `sample:<fraction>` with a fraction in (0, 1]."""
+    value = raw.strip().lower()
+    if value in ("on", "true", "1"):
+        return 1.0
+    if value in ("off", "false", "0"):
+        return 0.0
+    form = "on, off or sample:<fraction> with 0 < fraction <= 1 (e.g. sample:0.01)"
+    if not value.startswith("sample:"):
+        raise ValueError(form)
+    try:
+        fraction = float(value.removeprefix("sample:"))
+    except ValueError:
+        raise ValueError(form) from None
+    if not 0 < fraction <= 1:  # also refuses nan
+        raise ValueError(form)
+    return fraction
+
+
 _PORT = _int(1, 65535)
 _DB = _int(0, 15)
 _MS = _int(1, 86_400_000)
@@ -322,11 +344,27 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_RETENTION_DAYS": ("metrics_retention_days", _int(1, 3_650)),
     "PREFETCH_METRICS_DIR": ("metrics_dir", _text),
     "LOG_LEVEL": ("log_level", _log_level),
-    "LOG_DIR": ("log_dir", _text),
+    "LOG_FORMAT": ("log_format", _choice("json", "text")),
+    "ACCESS_LOG": ("access_log_sample", _access_log),
+    # OpenTelemetry's own names; the SDK reads the rest (OTEL_EXPORTER_OTLP_ENDPOINT, ...).
+    "OTEL_TRACES_EXPORTER": ("otel_traces_exporter", _choice("none", "otlp", "console")),
+    "OTEL_SERVICE_NAME": ("otel_service_name", _text),
+}
+# Seed names that no longer configure anything: each still starts, with this warning logged.
+RETIRED: dict[str, str] = {
+    "LOG_DIR": (
+        "LOG_DIR is ignored: every process logs to stderr (JSON lines), for the container "
+        "runtime or systemd to collect; redirect stderr to keep a file"
+    ),
 }
 _REDIS_PARTS = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD")
 # Names we read elsewhere (sandbox knobs, Prometheus) that must not trip the unknown-name check.
 _OTHER_KNOWN: set[str] = set()
+
+
+def retired_warnings(env: Mapping[str, str]) -> list[str]:
+    """The warnings for retired variables that `env` sets (see RETIRED)."""
+    return [text for name, text in RETIRED.items() if env.get(name, "").strip()]
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -378,7 +416,28 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     settings = Settings(**values)
     if settings.redis_cluster_mode:
         _check_cluster(settings)
+    if settings.otel_traces_exporter != "none":
+        _check_tracing(settings.otel_traces_exporter)
     return settings
+
+
+def _check_tracing(exporter: str) -> None:
+    """An exporter needs the `tracing` dependency group; say so at start, not in a worker."""
+    from importlib.util import find_spec
+
+    needed = ["opentelemetry.sdk"]
+    if exporter == "otlp":
+        needed.append("opentelemetry.exporter.otlp.proto.http")
+    for module in needed:
+        try:
+            found = find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER={exporter} needs the tracing extra: expected "
+                f"{module} installed (pip install 'exprsn-prefetch[tracing]'), or none"
+            )
 
 
 def _check_cluster(settings: Settings) -> None:

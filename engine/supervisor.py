@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 import redis
+from prometheus_client import multiprocess
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import QUEUES
@@ -128,6 +129,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            self._mark_dead(pid)
             child = self.children.pop(pid, None)
             if child is None:
                 code = os.waitstatus_to_exitcode(status)
@@ -151,6 +153,14 @@ class Supervisor:
                 delay,
             )
             self.restarts[child.index] = time.monotonic() + delay
+
+    def _mark_dead(self, pid: int) -> None:
+        """A reaped child's live gauges (jobs in flight) leave the pod's sums."""
+        if self.settings.metrics_dir:
+            try:
+                multiprocess.mark_process_dead(pid, self.settings.metrics_dir)  # type: ignore[no-untyped-call]
+            except OSError as exc:  # a full or vanished directory must not stop the supervisor
+                log.warning("could not mark pid %d dead in the metrics directory: %r", pid, exc)
 
 
 class Recovery:

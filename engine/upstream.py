@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from engine import wire
+from engine import tracing, wire
 from engine.errors import (
     CAUnavailable,
     UpstreamError,
@@ -79,15 +79,19 @@ class ServiceTokens:
             async with self._session.post(self._issue_url, json={}, timeout=self._timeout) as rsp:
                 body = await rsp.read()
                 if rsp.status != 200:
+                    prometheus.upstream_error("ca", prometheus.status_kind(rsp.status))
                     raise UpstreamError(f"CA refused to issue a service token ({rsp.status})")
             issued = wire.issued_token_decoder.decode(body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.debug("service token request failed: %r", exc)
+            kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
+            prometheus.upstream_error("ca", kind)
             raise UpstreamRetryable(
                 f"CA unreachable for a service token ({type(exc).__name__})"
             ) from None
         except msgspec.DecodeError as exc:
             log.debug("malformed service token answer: %s", exc)
+            prometheus.upstream_error("ca", "malformed")
             raise UpstreamError("CA sent a malformed service token") from None
         lifetime = 3600.0
         if issued.expiresAt is not None:
@@ -118,6 +122,12 @@ class TimelineClient:
 
     async def fetch(self, user_id: str) -> list[wire.Post]:
         """The user's posts; raises UpstreamNotFound, UpstreamTimeout, UpstreamRetryable, ..."""
+        if tracing.tracer is not None:
+            with tracing.span("timeline.fetch", "client", {"prefetch.user_id": user_id}):
+                return await self._fetch(user_id)
+        return await self._fetch(user_id)
+
+    async def _fetch(self, user_id: str) -> list[wire.Post]:
         url = URL(self._prefix + user_id + self._suffix, encoded=True)
         started = time.perf_counter()
         try:
@@ -134,7 +144,9 @@ class TimelineClient:
                 return wire.timeline_page_decoder.decode(body).posts
             except msgspec.DecodeError as exc:
                 log.debug("malformed timeline body for %s: %s", user_id, exc)
+                prometheus.upstream_error("timeline", "malformed")
                 raise UpstreamError("Timeline service sent a malformed body") from None
+        prometheus.upstream_error("timeline", prometheus.status_kind(status))
         if status == 404:
             raise UpstreamNotFound("Timeline service has no such user")
         if status >= 500:
@@ -142,14 +154,18 @@ class TimelineClient:
         raise UpstreamError(f"Timeline service answered {status}")
 
     async def _get(self, url: URL, token: str | None) -> tuple[int, bytes]:
-        headers = {"Authorization": f"Bearer {token}"} if token else None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if tracing.tracer is not None:
+            tracing.inject(headers)  # the timeline service can continue the trace
         try:
             async with self._session.get(url, headers=headers, timeout=self._timeout) as rsp:
                 return rsp.status, await rsp.read()
         except TimeoutError:
+            prometheus.upstream_error("timeline", "timeout")
             raise UpstreamTimeout("Timeline service timed out") from None
         except aiohttp.ClientError as exc:
             log.debug("timeline call failed: %r", exc)
+            prometheus.upstream_error("timeline", "connect")
             raise UpstreamRetryable(
                 f"Timeline service unreachable ({type(exc).__name__})"
             ) from None
@@ -170,25 +186,37 @@ class CAClient:
 
     async def validate(self, token: str) -> wire.Validation:
         """The CA's verdict; a 401 is a verdict (valid false), anything unusable CAUnavailable."""
+        if tracing.tracer is not None:
+            with tracing.span("ca.validate", "client"):
+                return await self._validate(token)
+        return await self._validate(token)
+
+    async def _validate(self, token: str) -> wire.Validation:
+        headers = tracing.inject() if tracing.tracer is not None else None
         try:
             async with self._session.post(
-                self._url, json={"token": token}, timeout=self._timeout
+                self._url, json={"token": token}, headers=headers, timeout=self._timeout
             ) as rsp:
                 status, body = rsp.status, await rsp.read()
         except TimeoutError:
+            prometheus.ca_call_failed("timeout")
             raise CAUnavailable("Certificate authority timed out") from None
         except aiohttp.ClientError:
+            prometheus.ca_call_failed("connect")
             raise CAUnavailable("Certificate authority unreachable") from None
         if status not in (200, 401, 403):
+            prometheus.ca_call_failed(prometheus.status_kind(status))
             raise CAUnavailable(f"Certificate authority answered {status}")
         try:
             verdict = wire.validation_decoder.decode(body)
         except msgspec.DecodeError:
             if status == 200:
+                prometheus.ca_call_failed("malformed")
                 raise CAUnavailable("Certificate authority sent a malformed answer") from None
             verdict = wire.Validation(valid=False)
         if status != 200:
             verdict.valid = False
+        prometheus.CA_CALLS.labels(outcome="valid" if verdict.valid else "invalid").inc()
         return verdict
 
     async def health(self) -> dict[str, Any]:

@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine import logs
 from engine.errors import ConfigError, PortInUse, PrefetchError
+from engine.metrics import metrics_dir
 from engine.process import fork_child
-from engine.settings import Settings, environment, load_settings
+from engine.settings import Settings, environment, load_settings, retired_warnings
 from prefetch.args import build_parser
 from prefetch.ports import ensure_ports_free
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUse as exc:
         print(f"prefetch {args.role}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    settings = _prepare(settings, fresh_metrics=args.role == "dev")
+    settings = _prepare(settings, args.role)
+    log_start(args.role, settings, retired_warnings(env))
     try:
         if args.role == "api":
             return run_api(settings)
@@ -93,27 +96,63 @@ def dev_bind_host(settings: Settings, env: dict[str, str]) -> Settings:
     return settings.with_overrides(service_host="127.0.0.1")
 
 
-def _prepare(settings: Settings, *, fresh_metrics: bool) -> Settings:
+# The role a process logs as before a forked child renames itself (engine.process.set_title).
+_ROLE_NAMES = {"api": "api", "worker": "supervisor", "sandbox": "sandbox", "dev": "dev"}
+
+
+def _prepare(settings: Settings, role: str) -> Settings:
     """Logging, and the pod-wide Prometheus directory shared by the API and the workers."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    fmt = settings.log_format or ("text" if role == "dev" else "json")
+    # The logging HOWTO's optimisations: no caller frame lookup (we print no file or line),
+    # no thread or multiprocessing names; an access log line per request pays for each.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logs.configure(settings.log_level, fmt, _ROLE_NAMES[role])
     # pika logs every connection step at INFO (each consumer, each publisher thread).
     logging.getLogger("pika").setLevel(
         max(logging.WARNING, logging.getLevelName(settings.log_level))
     )
-    metrics_dir = settings.metrics_dir or str(
+    directory = settings.metrics_dir or str(
         Path(tempfile.gettempdir()) / f"prefetch-metrics-{settings.service_port}"
     )
-    path = Path(metrics_dir)
-    if fresh_metrics and path.is_dir():
-        for stale in path.glob("*.db"):
-            stale.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    return settings.with_overrides(metrics_dir=metrics_dir)
+    removed = metrics_dir.prepare(Path(directory))
+    if removed:
+        logging.getLogger("prefetch").info(
+            "removed %d stale metric files from %s", len(removed), directory
+        )
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return settings.with_overrides(metrics_dir=directory, log_format=fmt)
+
+
+def log_start(role: str, settings: Settings, warnings: list[str]) -> None:
+    """One line saying what this role connects to (no secret in it), and retired settings."""
+    log = logging.getLogger("prefetch")
+    for warning in warnings:
+        log.warning(warning)
+    fields: dict[str, object] = {}
+    if role in ("api", "worker", "dev"):
+        fields["redis"] = logs.redact_url(settings.redis_url)
+        fields["redis_cluster"] = settings.redis_cluster_mode
+        fields["broker"] = logs.redact_url(settings.queue_redis_url)
+        fields["dbs"] = (
+            f"hot={settings.db_hot} warm={settings.db_warm} "
+            f"queue={settings.db_queue} metrics={settings.db_metrics}"
+        )
+    fields["timeline"] = settings.timeline_url
+    fields["ca"] = settings.ca_url
+    if role in ("api", "dev"):
+        fields["listen"] = f"{settings.service_host}:{settings.service_port}"
+        fields["api_workers"] = settings.api_workers
+        fields["access_log"] = settings.access_log_sample
+    if role in ("worker", "dev"):
+        fields["workers"] = settings.worker_count
+        fields["job_concurrency"] = settings.job_concurrency
+        fields["health_port"] = settings.health_port
+    fields["metrics_dir"] = settings.metrics_dir
+    fields["tracing"] = settings.otel_traces_exporter
+    summary = " ".join(f"{name}={value}" for name, value in fields.items())
+    log.info("starting %s: %s", role, summary, extra={"config": fields})
 
 
 def run_api(settings: Settings) -> int:
@@ -124,7 +163,7 @@ def run_api(settings: Settings) -> int:
     if settings.api_workers == 1:
         return _serve_api(settings)
     pids = [fork_child("api", lambda: _serve_api(settings)) for _ in range(settings.api_workers)]
-    return _wait_children(pids)
+    return _wait_children(pids, settings.metrics_dir)
 
 
 def _serve_api(settings: Settings) -> int:
@@ -188,7 +227,7 @@ def run_dev(settings: Settings, env: dict[str, str]) -> int:
         pids.append(fork_child("supervisor", lambda: run_supervisor(settings)))
         pids.append(fork_child("api", lambda: run_api(settings)))
         _print_banner(settings, embedded)
-        return _wait_children(pids)
+        return _wait_children(pids, settings.metrics_dir)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -217,7 +256,7 @@ def _print_banner(settings: Settings, embedded: object | None) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _wait_children(pids: list[int]) -> int:
+def _wait_children(pids: list[int], metrics_dir: str) -> int:
     """Forward SIGTERM/SIGINT to the children and wait for all of them."""
     signals = 0
 
@@ -241,11 +280,19 @@ def _wait_children(pids: list[int]) -> int:
             break
         if pid in alive:
             alive.discard(pid)
+            _mark_dead(pid, metrics_dir)
             code = os.waitstatus_to_exitcode(status)
             worst = worst or (code if code > 0 else 0)
             if not signals:  # one part died on its own: stop the rest, like Ctrl-C
                 forward(signal.SIGTERM, None)
     return worst
+
+
+def _mark_dead(pid: int, directory: str) -> None:
+    """A child's live gauges leave the pod's sums (its counters stay)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def _wait_for_port(url: str, timeout: float = 10.0) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ctypes
 import inspect
+import json
 import os
 import signal
 import socket
@@ -165,6 +166,32 @@ def descendants_of(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def log_records(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a process's output (other lines, e.g. a banner, are skipped)."""
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def error_lines(text: str) -> list[str]:
+    """ERROR/CRITICAL lines of a process's output, JSON or text, and bare tracebacks."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                level = json.loads(line).get("level")
+            except ValueError:
+                level = None
+            if level in ("ERROR", "CRITICAL"):
+                found.append(line)
+        elif " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
+            found.append(line)
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -422,12 +449,7 @@ class Engine:
 
     def error_lines(self) -> list[str]:
         """ERROR/CRITICAL log lines and tracebacks of every process of the test."""
-        return [
-            line
-            for process in self.processes
-            for line in process.log().splitlines()
-            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
-        ]
+        return [line for process in self.processes for line in error_lines(process.log())]
 
 
 def empty_queues(broker_url: str, timeout: float = 20.0) -> None:

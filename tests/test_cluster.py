@@ -33,7 +33,7 @@ from engine.store.cluster import ClusterRedis
 from engine.store.fastredis import Script
 from sandbox import SandboxServer, SandboxSettings
 from tests.conftest import ApiClient, closed_port, serve_api
-from tests.engine_support import EngineProcess, clean_env, spawn, wait_for
+from tests.engine_support import EngineProcess, clean_env, error_lines, spawn, wait_for
 from tests.redis_servers import (
     APP_PASSWORD,
     READER_PASSWORD,
@@ -290,8 +290,7 @@ async def test_a_worker_and_the_scheduler_fill_the_cluster(
 
         tick = await wait_for(reported, 20, "the leader's tick report on the queue node")
         assert tick["durationMs"] >= 0 and "candidates.activity" in tick
-        errors = [line for line in process.log().splitlines() if " ERROR " in line]
-        assert errors == []
+        assert error_lines(process.log()) == []
 
 
 # --- the topology changes while reads run --------------------------------------------------------

@@ -180,7 +180,12 @@ async def test_lost_broker_connections_lose_no_job_and_count_each_once(engine: E
         assert supervisor.workers() == workers, "no worker had to be replaced"
         # Only the connection losses themselves, as pika (with its tracebacks of the reset)
         # and Dramatiq's consumers report them: no error of ours, no traceback through ours.
-        expected = ("] pika.", "Consumer encountered a connection error", "Traceback")
+        expected = (
+            '"logger":"pika.',  # JSON lines (the worker logs JSON)
+            "] pika.",  # text lines
+            "Consumer encountered a connection error",
+            "Traceback",
+        )
         unexpected = [line for line in engine.error_lines() if not any(e in line for e in expected)]
         assert unexpected == []
         ours = [

@@ -11,7 +11,8 @@
    a readiness and a liveness probe on a port it declares; the API listens on
    PREFETCH_SERVICE_PORT and the worker's probes use PREFETCH_HEALTH_PORT;
    terminationGracePeriodSeconds is longer than PREFETCH_SHUTDOWN_TIMEOUT; the Prometheus
-   multiprocess directory is an emptyDir; the KEDA triggers watch every Dramatiq queue list in
+   multiprocess directory is an emptyDir; the pods' scrape annotations name the port that
+   serves /metrics; the KEDA triggers watch every Dramatiq queue list in
    the queue DB of the ConfigMap's Redis; HPA, PDB, Service and ScaledObject each select or
    target a Deployment that exists; kustomization.yaml lists every manifest.
 
@@ -180,6 +181,15 @@ def rule_problems(docs: list[tuple[str, Doc]], kustomization: Doc, files: list[s
                     problems.append(
                         f"{where}: {kind} on {number}, the {role} listens on {expected}"
                     )
+            # Prometheus scrapes the pod where its annotations say: the port serving /metrics.
+            annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+            scraped = annotations.get("prometheus.io/port")
+            if annotations.get("prometheus.io/scrape") != "true":
+                problems.append(f"{where}: no prometheus.io/scrape annotation")
+            elif expected is not None and scraped != str(expected):
+                problems.append(
+                    f"{where}: prometheus.io/port {scraped!r}, /metrics is on {expected}"
+                )
 
     def selects(selector: dict[str, str]) -> list[str]:
         return [
@@ -326,6 +336,12 @@ MISTAKES: dict[str, tuple[Any, str]] = {
             REDIS_CLUSTER_MODE="true"
         ),
         "needs BROKER_URL",
+    ),
+    "metrics scraped on the wrong port": (
+        lambda d: _find(d, "Deployment", "prefetch-worker")["spec"]["template"]["metadata"][
+            "annotations"
+        ].update({"prometheus.io/port": "3005"}),
+        "/metrics is on 3006",
     ),
     "a PDB selecting nothing": (
         lambda d: _find(d, "PodDisruptionBudget", "prefetch-api")["spec"]["selector"][

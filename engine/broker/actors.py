@@ -23,7 +23,7 @@ import dramatiq
 from dramatiq.common import q_name
 from dramatiq.middleware import CurrentMessage
 
-from engine import wire
+from engine import logs, tracing, wire
 from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import ACTOR_PRIORITY, QUEUES, actor_name, job_kwargs
 from engine.errors import JobDeadlineExceeded, UpstreamError
@@ -103,6 +103,8 @@ async def run_job(
     force: bool = False,
 ) -> None:
     """One attempt of one user's prefetch."""
+    logs.JOB_ID.set(job_id)  # on every line this attempt logs (the executor's too)
+    logs.USER_ID.set(user_id)
     started = time.perf_counter()
     try:
         await prefetch_within_deadline(runtime, user_id, priority, force=force, origin=origin)
@@ -127,9 +129,11 @@ async def run_batch(
 
     Returns how many users finished well (counted when the message is acknowledged).
     """
+    logs.JOB_ID.set(batch_id)
     started = time.perf_counter()
 
     async def one(user_id: str) -> PrefetchResult:
+        logs.USER_ID.set(user_id)  # this user's task only (gather gives each a context copy)
         async with runtime.batch_slots:  # the deadline starts once the user has a slot
             return await prefetch_within_deadline(
                 runtime, user_id, priority, force=force, origin=origin
@@ -156,6 +160,7 @@ async def run_batch(
                     kwargs=job_kwargs(origin, force),
                     delay=backoff_ms(runtime, 1),
                     retries=1,
+                    **tracing.message_options(),
                 )
             else:
                 record_when_settled(runtime, False, started, origin)

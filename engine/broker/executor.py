@@ -35,10 +35,12 @@ from dramatiq.broker import MessageProxy
 from dramatiq.errors import RateLimitExceeded, Retry
 from dramatiq.middleware import SkipMessage
 
+from engine import tracing
 from engine.broker import dramatiq_layout as layout
 from engine.broker.dramatiq_worker import LoopWorker, discard_outstanding
 from engine.broker.ledger import Ledger, deferred
 from engine.errors import BrokerUnavailable, RedisReplyError, RedisUnavailable
+from engine.metrics import prometheus
 from engine.store.fastredis import Arg, FastRedis
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,7 @@ class Executor:
                     return
             self._idle = False
             self._free -= 1
+            prometheus.JOBS_IN_FLIGHT.inc()
             redis_id = item.message.options.get("redis_message_id")
             if redis_id is not None:  # Redis broker: the reclaimer compares its ack sets
                 self._held.add(redis_id)
@@ -203,6 +206,7 @@ class Executor:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._free += 1
+        prometheus.JOBS_IN_FLIGHT.dec()
         self._worker.work_queue.task_done()
         if not task.cancelled() and task.exception() is not None:
             log.error("job runner crashed", exc_info=task.exception())
@@ -213,8 +217,11 @@ class Executor:
     async def _run(self, message: MessageProxy) -> None:
         pause = RERUN_BACKOFF_S[0]
         while True:
-            with deferred() as ledger:
+            # With tracing on, each attempt is a span continuing the message's schedule.
+            with deferred() as ledger, tracing.job_span(message) as span:
                 verb = await self._attempt(message, ledger)
+                if span is not None:
+                    span.set_attribute("prefetch.job.outcome", verb or "rerun")
             if verb is not None:
                 self._finish(message, verb, ledger)
                 return

@@ -17,7 +17,7 @@ from typing import Any
 
 import dramatiq
 
-from engine import wire
+from engine import tracing, wire
 from engine.broker import dramatiq_layout as layout
 from engine.errors import Conflict, NotFound
 from engine.store import keys
@@ -79,13 +79,16 @@ _FAIL = Script.load(__file__, "fail.lua")
 def job_message(
     priority: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, batch: bool = False
 ) -> dramatiq.Message[Any]:
-    """The Dramatiq message of a prefetch job, before the broker gives it an id."""
+    """The Dramatiq message of a prefetch job, before the broker gives it an id.
+
+    With tracing on, its options carry the current span's context (the job continues it).
+    """
     return dramatiq.Message(
         queue_name=QUEUES[priority],
         actor_name=actor_name(priority, batch=batch),
         args=args,
         kwargs=kwargs,
-        options={},
+        options=tracing.message_options(),
     )
 
 
@@ -122,7 +125,9 @@ class JobQueue:
         `force`: the job refreshes the entry even when a fresh hot one exists (events); a
         pending job that is not forced does not cover a forced one.
         """
-        return await self._schedule(user_id, priority, delay_ms, job_id, origin, force, None)
+        attributes = {"prefetch.user_id": user_id, "prefetch.origin": origin}
+        with tracing.span(f"schedule {priority}", "producer", attributes):
+            return await self._schedule(user_id, priority, delay_ms, job_id, origin, force, None)
 
     async def _schedule(
         self,
@@ -194,12 +199,14 @@ class JobQueue:
         Returns the batch id, or None when `fence` refused the enqueue (a stale leader).
         """
         batch_id = f"batch:{uuid.uuid4()}"
-        message = layout.encode(
-            self._broker,
-            job_message(priority, (user_ids, batch_id), job_kwargs(origin, force), batch=True),
-        )
-        fenced = (fence.key, fence.value) if fence is not None else None
-        return batch_id if await layout.push(self._redis, message, fenced) else None
+        attributes = {"prefetch.batch.users": len(user_ids), "prefetch.origin": origin}
+        with tracing.span(f"schedule batch {priority}", "producer", attributes):
+            message = layout.encode(
+                self._broker,
+                job_message(priority, (user_ids, batch_id), job_kwargs(origin, force), batch=True),
+            )
+            fenced = (fence.key, fence.value) if fence is not None else None
+            return batch_id if await layout.push(self._redis, message, fenced) else None
 
     async def stats(self) -> dict[str, Any]:
         """The queue's counts, read in one pipeline.

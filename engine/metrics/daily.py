@@ -21,6 +21,7 @@ from engine.metrics import prometheus
 from engine.store import keys
 from engine.store.client import RedisClient
 from engine.store.fastredis import Script
+from engine.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class StatsRecorder:
         self._interval = interval_s
         self._tally: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
+        # While Redis refuses writes the flush fails every second: one line per interval.
+        self._warnings = LogThrottle(log)
 
     def hit(self, tier: str) -> None:
         self._tally["hotHits" if tier == "hot" else "warmHits"] += 1
@@ -106,7 +109,9 @@ class StatsRecorder:
             try:
                 await self.flush()
             except Exception as exc:  # Redis down: keep counting, try again next second
-                log.debug("metrics flush failed: %r", exc)
+                self._warnings.warning(
+                    "flush", "metrics flush failed (kept for the next one): %r", exc
+                )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="stats-flush")

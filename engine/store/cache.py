@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from isal import igzip, isal_zlib
 
+from engine import tracing
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.client import RedisClient
@@ -175,6 +176,9 @@ class TimelineCache:
 
     async def read(self, user_id: str) -> tuple[str, bytes] | None:
         """(tier, stored bytes) of the freshest entry, hot first; None when neither has one."""
+        if tracing.tracer is not None:
+            return await self._traced_read(user_id)
+        # The product's hot path: no frame between the view and the GETs (hence the twin).
         stored = await self._conn["hot"].get(keys.timeline("hot", user_id))
         if stored is not None:
             return "hot", stored
@@ -182,6 +186,18 @@ class TimelineCache:
         if stored is not None:
             return "warm", stored
         return None
+
+    async def _traced_read(self, user_id: str) -> tuple[str, bytes] | None:
+        with tracing.span("cache.read", attributes={"prefetch.user_id": user_id}) as span:
+            found: tuple[str, bytes] | None = None
+            for tier in keys.TIERS:
+                stored = await self._conn[tier].get(keys.timeline(tier, user_id))
+                if stored is not None:
+                    found = tier, stored
+                    break
+            if span is not None:
+                span.set_attribute("prefetch.tier", found[0] if found else "miss")
+            return found
 
     async def status(self, user_id: str) -> tuple[str, int] | None:
         """(tier, remaining ms) of the entry that a read would serve, or None."""

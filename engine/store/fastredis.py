@@ -31,6 +31,7 @@ from typing import Any, Final, Self, TypeAlias, cast
 
 import hiredis
 
+from engine import tracing
 from engine.errors import (
     ConfigError,
     RedisRefused,
@@ -90,6 +91,21 @@ def _silence(futures: Sequence[asyncio.Future[Any]]) -> None:
     for fut in futures:
         if not fut.cancel() and not fut.cancelled():  # done with a result or an exception
             fut.exception()
+
+
+async def _replies(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+    """The replies of a pipeline, error replies as RedisReplyError (or RedisRefused)."""
+    results: list[Any] = []
+    try:
+        for fut in futures:
+            reply = await fut
+            if isinstance(reply, RedisReplyError):
+                reply = redis_reply_error(reply)
+            results.append(reply)
+    except BaseException:
+        _silence(futures)
+        raise
+    return results
 
 
 class _Connection(asyncio.Protocol):
@@ -375,10 +391,19 @@ class FastRedis:
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self._connection()
+        if tracing.tracer is not None:  # off: this one test is all tracing costs here
+            return await self._traced(conn.send(payload), args)
         reply = await conn.send(payload)
         if isinstance(reply, RedisReplyError):
             raise redis_reply_error(reply)
         return reply
+
+    async def _traced(self, reply_future: asyncio.Future[Any], args: Sequence[Arg]) -> Any:
+        with tracing.redis_span((args,), self.address.db):
+            reply = await reply_future
+            if isinstance(reply, RedisReplyError):
+                raise redis_reply_error(reply)
+            return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send `commands` at once; error replies are returned in the list, as RedisReplyError
@@ -391,17 +416,10 @@ class FastRedis:
         if conn is None or conn.closed:
             conn = await self._connection()
         futures = [conn.send(payload) for payload in payloads]
-        results: list[Any] = []
-        try:
-            for fut in futures:
-                reply = await fut
-                results.append(
-                    redis_reply_error(reply) if isinstance(reply, RedisReplyError) else reply
-                )
-        except BaseException:
-            _silence(futures)
-            raise
-        return results
+        if tracing.tracer is not None:
+            with tracing.redis_span(commands, self.address.db):
+                return await _replies(futures)
+        return await _replies(futures)
 
     async def get(self, key: bytes | str) -> bytes | None:
         """GET: the value, or None if the key does not exist."""

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from engine import tracing
 from engine.broker.backend import open_job_queue
 from engine.metrics.daily import StatsRecorder
 from engine.runtime import queue_client, redis_clients
@@ -28,6 +29,11 @@ async def run_scheduler(
     settings: Settings, stop: asyncio.Event, identity: str | None = None
 ) -> None:
     """Contend, lead and tick until `stop` is set; release the lease on the way out."""
+    with tracing.session(settings):
+        await _run(settings, stop, identity)
+
+
+async def _run(settings: Settings, stop: asyncio.Event, identity: str | None) -> None:
     redis = redis_clients(settings)
     stats = StatsRecorder(redis["metrics"], settings.metrics_retention_days)
     stats.start()
@@ -64,7 +70,8 @@ async def _tick(scheduler: Scheduler, lease: Lease) -> None:
     if fence is None:
         return
     try:
-        report = await scheduler.tick(wall_clock_ms(), fence)
+        with tracing.span("scheduler.tick", attributes={"prefetch.fence": fence.value}):
+            report = await scheduler.tick(wall_clock_ms(), fence)
     except Exception as exc:
         log.warning("scheduler tick failed: %r", exc)
         return
