@@ -19,7 +19,7 @@ DEPLOY_STAMP := $(VENV)/.deploy-stamp
 FUZZ_STAMP := $(VENV)/.fuzz-stamp
 FUZZ_EXAMPLES ?= 30
 
-.PHONY: run test test-cluster lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-replay bench-api-memory \
+.PHONY: run test test-cluster test-rabbitmq test-netns lint format bench bench-quick soak bench-reads bench-prefetch bench-redis-client bench-tick bench-replay bench-api-memory \
 	load sizing deploy-lint docker-e2e fuzz topology clean
 
 $(STAMP): pyproject.toml
@@ -36,6 +36,12 @@ test: $(STAMP)  ## the test suite, against REDIS_URL or an embedded Valkey
 
 test-cluster: $(STAMP)  ## the Redis Cluster tests (a 6-node cluster and TLS servers of their own)
 	$(BIN)/python -m pytest -m cluster tests/test_cluster.py
+
+test-rabbitmq: $(STAMP)  ## the engine and queue tests again on RabbitMQ (the machine's, a vhost of their own)
+	$(BIN)/python -m pytest -m rabbitmq
+
+test-netns: $(STAMP)  ## the network-namespace tests of the pod topology (root)
+	$(BIN)/python -m pytest -m netns
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

