@@ -25,13 +25,14 @@ import pytest
 import pytest_asyncio
 import redis
 
+from engine import wire
 from engine.errors import RedisReplyError, RedisUnavailable
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.cache import Ticket, TimelineCache
 from engine.store.cluster import ClusterRedis
 from engine.store.fastredis import Script
-from sandbox import SandboxServer, SandboxSettings
+from sandbox import SandboxServer, SandboxSettings, generate_posts
 from tests.conftest import ApiClient, closed_port, serve_api
 from tests.engine_support import EngineProcess, clean_env, error_lines, spawn, wait_for
 from tests.redis_servers import (
@@ -301,9 +302,12 @@ async def _stored(settings: Settings, users: list[str]) -> None:
     cache = TimelineCache(settings, client, client)
     try:
         for user in users:
-            body = b'{"success":true,"data":{"posts":[],"postsCount":0}}'
             for tier in ("hot", "warm"):
-                assert await cache.store(tier, user, body, Ticket(False, b""))
+                # A real entry: every answer the tests read is checked against the contract.
+                body = wire.cached_body(
+                    generate_posts(user, 5), int(time.time() * 1000), tier, cached=True
+                )
+                assert await cache.store(tier, user, cache.encode(body, tier), Ticket(False, b""))
     finally:
         await client.close()
 
