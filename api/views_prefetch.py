@@ -141,9 +141,9 @@ async def events(request: web.Request) -> web.Response:
     await _authorize(request, "write")
     users = _event_users(await validation.json_body(request))
     if not request.app[SETTINGS].enable_event_triggered:
-        return success({"refreshed": 0, "invalidated": 0, "enabled": False}, 202)
+        return success({"refreshed": 0, "invalidated": 0, "deferred": 0, "enabled": False}, 202)
     if not users:
-        return success({"refreshed": 0, "invalidated": 0}, 202)
+        return success({"refreshed": 0, "invalidated": 0, "deferred": 0}, 202)
     runtime = request.app[RUNTIME]
     outcome = await refresh_or_invalidate(
         runtime.cache,
@@ -154,7 +154,12 @@ async def events(request: web.Request) -> web.Response:
         wall_clock_ms(),
         request.app[ACTIVITY].is_pending,
     )
-    return success({"refreshed": outcome.refreshed, "invalidated": outcome.invalidated}, 202)
+    data = {
+        "refreshed": outcome.refreshed,
+        "invalidated": outcome.invalidated,
+        "deferred": outcome.deferred,
+    }
+    return success(data, 202)
 
 
 ROUTES = [

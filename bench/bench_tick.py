@@ -43,7 +43,12 @@ from engine.strategies.scheduler import Scheduler
 
 MINUTE = 60_000
 HOUR = 60 * MINUTE
-WEEK = 168 * HOUR
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+# A weekday habit seen five times with a 20-minute jitter: its window (profile.lua, coverage
+# 3) opens about 3 * sqrt(400 * 1.2) = 66 minutes before its mean.
+HABIT_VAR = 400.0
+WINDOW_BEFORE = 66 * MINUTE
 CHUNK = 2_000  # members per loader command
 
 
@@ -87,12 +92,14 @@ async def load(
         expiry = now - 1 if uncovered else now + rng.randint(2 * MINUTE, 15 * MINUTE)
         (hot if i % 5 == 0 else warm).setdefault(shard, []).append((expiry, user))
         opens_at = now + rng.randint(0, WEEK)
-        start = opens_at - settings.predictive_lead_ms
+        start = opens_at - WINDOW_BEFORE
         predicted.setdefault(shard, []).append((start, user))
-        if start <= horizon + HOUR:  # a profile that predicts that open (one bucket, weight 2)
-            bucket = (opens_at % WEEK) // HOUR
-            minute = (opens_at % HOUR) / MINUTE
-            profiles.setdefault(shard, {})[user] = f"{bucket},2.0000,{now // MINUTE},{minute:.2f}"
+        if start <= horizon + HOUR:  # a profile that predicts that open (profile.lua's format)
+            day = opens_at // DAY
+            kind = 1 if (day + 3) % 7 >= 5 else 0  # 1970-01-01 was a Thursday
+            mean = (opens_at % DAY) / MINUTE
+            habit = f"{kind},5.0000,{now // MINUTE},{mean:.1f},{HABIT_VAR:.1f}"
+            profiles.setdefault(shard, {})[user] = habit
     last_active: dict[int, list[tuple[float, str]]] = {}
     frequency: dict[int, dict[str, int]] = {}
     for user in tracked[:active]:

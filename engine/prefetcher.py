@@ -112,7 +112,9 @@ class Prefetcher:
             return PrefetchResult(True, True, "hot", count, _ms_since(started))
         posts = await self.timeline.fetch(user_id)
         body = wire.cached_body(posts, int(time.time() * 1000), tier, cached=True)
-        stored = await self.cache.store(tier, user_id, self.cache.encode(body, tier), ticket)
+        ttl = self.cache.settings.entry_ttl_ms(tier, origin)
+        entry = self.cache.encode(body, tier, ttl)
+        stored = await self.cache.store(tier, user_id, entry, ticket, ttl)
         if stored.replaced is not None:
             self.stats.prefetch_wasted(stored.replaced)
         return PrefetchResult(True, False, tier, len(posts), _ms_since(started), stored.stored)

@@ -61,9 +61,12 @@ class Settings:
     scheduler_lease_ttl_ms: int = 15_000
     predictive_lead_ms: int = 600_000
     predictive_hold_ms: int = 600_000
-    predictive_threshold: float = 0.5
+    predictive_coverage: float = 3.0
+    predictive_threshold: float = 0.9
+    predictive_ttl_ms: int = 7_200_000
     predictive_half_life_ms: int = 14 * 86_400_000
     predictive_hour_ms: int = 3_600_000
+    predictive_day_offset_ms: int = 0
     max_timeline_size: int = 100
     prefetch_timeout_ms: int = 10_000
     job_deadline_ms: int = 0  # 0: derived from prefetch_timeout_ms (see job_deadline_s)
@@ -120,6 +123,14 @@ class Settings:
 
     def ttl_ms(self, tier: str) -> int:
         return self.hot_ttl_ms if tier == "hot" else self.warm_ttl_ms
+
+    def entry_ttl_ms(self, tier: str, origin: str | None) -> int:
+        """The TTL of an entry stored in `tier` by a prefetch of `origin`: the tier's, but a
+        predictive prefetch's warm entry lives PREDICTIVE_TTL (at least the warm TTL), since
+        it must last through a habit's window, not a session (README, predictive)."""
+        if tier == "warm" and origin == "predictive":
+            return max(self.predictive_ttl_ms, self.warm_ttl_ms)
+        return self.ttl_ms(tier)
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (tests and `prefetch dev` use it)."""
@@ -322,9 +333,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SCHEDULER_LEASE_TTL": ("scheduler_lease_ttl_ms", _int(1_000, 600_000)),
     "PREDICTIVE_LEAD_TIME": ("predictive_lead_ms", _int(0, 86_400_000)),
     "PREDICTIVE_HOLD_TIME": ("predictive_hold_ms", _int(0, 86_400_000)),
+    "PREDICTIVE_COVERAGE": ("predictive_coverage", _float(0.0, 10.0)),
+    "PREDICTIVE_TTL": ("predictive_ttl_ms", _MS),
     "PREDICTIVE_THRESHOLD": ("predictive_threshold", _float(0.01, 1_000.0)),
     "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", _int(3_600_000, 31_536_000_000)),
     "PREDICTIVE_HOUR": ("predictive_hour_ms", _int(1_000, 3_600_000)),
+    "PREDICTIVE_DAY_OFFSET": ("predictive_day_offset_ms", _int(-604_800_000, 604_800_000)),
     "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
     "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
     "PREFETCH_JOB_DEADLINE": ("job_deadline_ms", _int(0, 3_600_000)),

@@ -138,7 +138,7 @@ async def test_bad_activity_reports_are_400(api: ApiClient, body: Any, code: str
     assert reply.body["error"] == code
 
 
-async def test_events_refresh_wanted_timelines_and_invalidate_the_rest(
+async def test_events_refresh_readers_keep_idle_entries_and_invalidate_the_rest(
     api: ApiClient, redis_roles: dict[str, FastRedis]
 ) -> None:
     cached, active, idle, unknown = new_user(), new_user(), new_user(), new_user()
@@ -157,24 +157,30 @@ async def test_events_refresh_wanted_timelines_and_invalidate_the_rest(
     }
     reply = await api.call("POST", "/api/prefetch/events", json=body)
     assert reply.status == 202
-    assert reply.body == {"success": True, "data": {"refreshed": 2, "invalidated": 2}}
+    data = {"refreshed": 1, "invalidated": 2, "deferred": 1}
+    assert reply.body == {"success": True, "data": data}
     stats = (await api.call("GET", "/api/prefetch/queue/stats")).body["data"]
-    assert stats["byPriority"]["high"]["waiting"] == 2
-    # The old entry keeps being served until the forced refresh replaces it.
+    assert stats["byPriority"]["high"]["waiting"] == 1  # the active user's refresh
+    # The entry of a user who is not reading is kept as it is.
     status = (await api.call("GET", f"/api/cache/status/{cached}")).body["data"]
     assert status["cached"] is True and status["tier"] == "hot"
 
 
 async def test_follow_event_affects_the_follower(api: ApiClient) -> None:
-    follower = new_user()
-    await api.call("POST", f"/api/prefetch/immediate/{follower}")
+    follower, away = new_user(), new_user()
+    await api.call("POST", "/api/activity", json={"userIds": [follower]})
     body = {"type": "follow.created", "userId": follower}
     reply = await api.call("POST", "/api/prefetch/events", json=body)
-    assert reply.body["data"] == {"refreshed": 1, "invalidated": 0}
+    assert reply.body["data"] == {"refreshed": 1, "invalidated": 0, "deferred": 0}
+    await api.call("POST", f"/api/prefetch/immediate/{away}")
+    body = {"type": "follow.created", "userId": away}
+    reply = await api.call("POST", "/api/prefetch/events", json=body)
+    assert reply.body["data"] == {"refreshed": 0, "invalidated": 0, "deferred": 1}
     idle = {"type": "follow.deleted", "userId": new_user()}
     assert (await api.call("POST", "/api/prefetch/events", json=idle)).body["data"] == {
         "refreshed": 0,
         "invalidated": 1,
+        "deferred": 0,
     }
 
 
@@ -202,5 +208,10 @@ async def test_events_do_nothing_when_disabled(settings: Settings) -> None:
         body = {"type": "post.updated", "userId": user}
         reply = await api.call("POST", "/api/prefetch/events", json=body)
         assert reply.status == 202
-        assert reply.body["data"] == {"refreshed": 0, "invalidated": 0, "enabled": False}
+        assert reply.body["data"] == {
+            "refreshed": 0,
+            "invalidated": 0,
+            "deferred": 0,
+            "enabled": False,
+        }
         assert (await api.call("GET", f"/api/cache/status/{user}")).body["data"]["cached"] is True

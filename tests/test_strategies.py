@@ -242,63 +242,6 @@ async def test_the_scheduler_outlives_an_unreachable_redis(settings: Settings) -
     await asyncio.wait_for(task, 10)
 
 
-async def test_a_daily_habit_is_prefetched_before_the_open_on_the_eighth_day(
-    settings: Settings, redis_roles: dict[str, FastRedis]
-) -> None:
-    s = settings.with_overrides(
-        enable_activity_based=True,
-        enable_predictive=True,
-        activity_check_interval_ms=MINUTE,
-        activity_window_ms=15 * MINUTE,
-        predictive_lead_ms=10 * MINUTE,
-        predictive_hold_ms=10 * MINUTE,
-    )
-    habit, once = new_user(), new_user()
-    metrics = redis_roles["metrics"]
-    jitter = [-4, 3, 0, 5, -2, 1, -3]  # minutes around 08:00
-    for day in range(7):
-        opened = DAY0 + day * DAY + 8 * HOUR + jitter[day] * MINUTE
-        for read in range(3):  # a session: the open, then two more reads
-            await record_activity(metrics, s, [habit], opened + read * 2 * MINUTE)
-    # One open, months ago: faded below the threshold by the eighth day.
-    await record_activity(metrics, s, [once], DAY0 + 7 * DAY + 8 * HOUR - 16 * 7 * DAY)
-
-    scheduler = scheduler_for(s, redis_roles)
-    first_pick: int | None = None
-    for minute in range(7 * 60, 8 * 60 + 1):  # ticks from 07:00 to 08:00 of the eighth day
-        now = DAY0 + 7 * DAY + minute * MINUTE
-        report = await scheduler.tick(now)
-        if report.selected.get("predictive"):
-            first_pick = minute
-            break
-    assert first_pick is not None, "the habit was never prefetched"
-    # Lead time 10 min before a mean open of about 08:00: picked from 07:49, not earlier
-    # than 07:40, and before 08:00.
-    assert 7 * 60 + 40 <= first_pick < 8 * 60
-    chosen = queued_users(await queued_batches(redis_roles["queue"]))
-    assert set(chosen) == {habit}
-    assert chosen[habit].origin == "predictive"
-    assert chosen[habit].actor == "prefetch_batch_medium"
-    shard = keys.shard_of(once)
-    assert await metrics.execute("HGET", keys.predict_profile(shard), once) is None
-
-
-async def test_a_profile_stays_bounded_and_new_habits_replace_old_ones(
-    settings: Settings, redis_roles: dict[str, FastRedis]
-) -> None:
-    s = settings.with_overrides(enable_predictive=True, activity_window_ms=15 * MINUTE)
-    user = new_user()
-    metrics = redis_roles["metrics"]
-    for hour in range(48):  # 48 app opens, each in another hour of the week
-        await record_activity(metrics, s, [user], DAY0 + hour * HOUR)
-    packed = await metrics.execute("HGET", keys.predict_profile(keys.shard_of(user)), user)
-    assert packed is not None and len(packed.split(b";")) == 24
-    # The oldest hours were forgotten, the newest kept.
-    buckets = {int(entry.split(b",")[0]) for entry in packed.split(b";")}
-    first = (DAY0 % (168 * HOUR)) // HOUR
-    assert (first + 47) % 168 in buckets and first not in buckets
-
-
 async def test_a_forced_schedule_is_not_swallowed_by_a_pending_plain_job(
     settings: Settings, redis_roles: dict[str, FastRedis]
 ) -> None:
@@ -333,47 +276,14 @@ async def test_an_entry_stored_after_the_claim_ends_it(
     assert [b.users for b in batches] == [[user]]
 
 
-async def test_a_habit_is_predicted_the_same_way_with_time_compressed_sixty_times(
-    settings: Settings, redis_roles: dict[str, FastRedis]
-) -> None:
-    # The replay's real-time run divides every time setting by its factor, the profile's
-    # hour (PREDICTIVE_HOUR) included: the eighth-day prediction must scale with it.
-    k = 60
-    s = settings.with_overrides(
-        enable_activity_based=True,
-        enable_predictive=True,
-        activity_check_interval_ms=MINUTE // k,
-        activity_window_ms=15 * MINUTE // k,
-        activity_refresh_lead_ms=10_000 // k,
-        predictive_lead_ms=10 * MINUTE // k,
-        predictive_hold_ms=10 * MINUTE // k,
-        predictive_half_life_ms=14 * DAY // k,
-        predictive_hour_ms=HOUR // k,
-    )
-    week = 168 * HOUR // k
-    day0 = (DAY0 // week) * week  # a compressed week starts on a compressed Monday 00:00
-    habit = new_user()
-    metrics = redis_roles["metrics"]
-    for day in range(7):
-        opened = day0 + (day * DAY + 8 * HOUR + [-4, 3, 0, 5, -2, 1, -3][day] * MINUTE) // k
-        await record_activity(metrics, s, [habit], opened)
-    scheduler = scheduler_for(s, redis_roles)
-    first_pick: int | None = None
-    for minute in range(7 * 60, 8 * 60 + 1):
-        report = await scheduler.tick(day0 + (7 * DAY + minute * MINUTE) // k)
-        if report.selected.get("predictive"):
-            first_pick = minute
-            break
-    assert first_pick is not None and 7 * 60 + 40 <= first_pick < 8 * 60
-
-
 async def test_an_event_refreshes_wanted_users_and_invalidates_the_rest_at_a_given_time(
     settings: Settings, redis_roles: dict[str, FastRedis]
 ) -> None:
     s = activity_settings(settings)
     now = DAY0 + 10 * HOUR  # virtual: the decision reads no clock of its own
-    cached, active, pending, idle, gone = (new_user() for _ in range(5))
+    cached, active, pending, idle, gone, predicted = (new_user() for _ in range(6))
     await store_at(s, redis_roles, cached, "warm", now - MINUTE)
+    await store_at(s, redis_roles, predicted, "warm", now - MINUTE, origin="predictive")
     await store_at(s, redis_roles, gone, "warm", now - DAY)  # no longer wanted by the index
     await redis_roles["warm"].execute("DEL", keys.timeline("warm", gone))  # expired
     metrics = redis_roles["metrics"]
@@ -385,17 +295,20 @@ async def test_an_event_refreshes_wanted_users_and_invalidates_the_rest_at_a_giv
         JobQueue(redis_roles["queue"]),
         metrics,
         s,
-        [cached, active, pending, idle, gone],
+        [cached, active, pending, idle, gone, predicted],
         now,
         {pending}.__contains__,
     )
-    assert (outcome.refreshed, outcome.invalidated) == (3, 2)
+    assert (outcome.refreshed, outcome.invalidated, outcome.deferred) == (2, 2, 2)
     chosen = queued_users(await queued_batches(redis_roles["queue"]))
-    assert set(chosen) == {cached, active, pending}
+    assert set(chosen) == {active, pending}
     assert all(
         b.origin == "event" and b.force and b.actor == "prefetch_high" for b in chosen.values()
     )
     # The old entry stays until the refresh lands; the others' generations moved.
-    assert await redis_roles["warm"].execute("EXISTS", keys.timeline("warm", cached)) == 1
+    # Entries of users not reading now are kept as they are, neither refetched nor dropped.
+    for user in (cached, predicted):
+        assert await redis_roles["warm"].execute("EXISTS", keys.timeline("warm", user)) == 1
+        assert await redis_roles["warm"].execute("GET", keys.generation("warm", user)) is None
     for user in (idle, gone):
         assert await redis_roles["warm"].execute("GET", keys.generation("warm", user)) == b"1"

@@ -41,7 +41,7 @@ async def test_an_event_keeps_the_old_entry_readable_when_the_refresh_fails(
 
     body = {"type": "post.created", "userId": new_user(), "affectedUserIds": [user]}
     reply = await api.call("POST", "/api/prefetch/events", json=body)
-    assert reply.body["data"] == {"refreshed": 1, "invalidated": 0}
+    assert reply.body["data"] == {"refreshed": 1, "invalidated": 0, "deferred": 0}
     [job] = [b for b in await queued_batches(redis_roles["queue"]) if user in b.users]
     assert job.actor == "prefetch_high" and job.origin == "event" and job.force
 

@@ -59,6 +59,7 @@ SCALED = {
     "predictive_hold_ms": "PREDICTIVE_HOLD_TIME",
     "predictive_half_life_ms": "PREDICTIVE_HALF_LIFE",
     "predictive_hour_ms": "PREDICTIVE_HOUR",
+    "predictive_ttl_ms": "PREDICTIVE_TTL",
 }
 DBS = {"REDIS_DB_HOT": 4, "REDIS_DB_WARM": 5, "REDIS_DB_QUEUE": 6, "REDIS_DB_METRICS": 7}
 
@@ -255,6 +256,11 @@ async def run_mix(
     margin_ms = 30_000 + history_reads // 5
     start_ms = int(time.time() * 1000) + margin_ms
     real = compress(population, factor, anchor_ms, start_ms)
+    # The compressed days must keep the population's weekdays (the profile's kinds of day):
+    # local time = wall clock + offset, which maps the window's start to its virtual weekday.
+    week = round(7 * 86_400_000 / factor)
+    env = {**env, "PREDICTIVE_DAY_OFFSET": str((round(anchor_ms / factor) - start_ms) % week)}
+    settings = settings.with_overrides(predictive_day_offset_ms=int(env["PREDICTIVE_DAY_OFFSET"]))
     end_ms = start_ms + round(window_ms / factor)
     # The driver holds the scheduler's lease until the window opens: the scheduler must not
     # tick on the history before then (the simulation's first tick is at the window's start).

@@ -57,7 +57,7 @@ from engine.prefetcher import Prefetcher
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import TimelineCache
+from engine.store.cache import TimelineCache, unstamp, wall_clock_ms
 from engine.store.fastredis import FastRedis
 from engine.strategies.activity import record_activity
 from engine.strategies.events import refresh_or_invalidate
@@ -274,23 +274,36 @@ class MixSimulation:
         outcomes = await asyncio.gather(
             *(self._read(user, read) for user, (read, _) in zip(users, batch, strict=True))
         )
-        for user, (read, newest_post), live, (tier, served) in zip(
+        for user, (read, newest_post), live, (tier, served, ttl) in zip(
             users, batch, lives, outcomes, strict=True
         ):
             self._note(user, read.at, tier)
             if tier is None:
                 self.tally.read(read, False, self.latency.miss_ms, "miss")
                 continue
-            stored_at = live.get(tier, read.at) - self.settings.ttl_ms(tier)
+            stored_at = live.get(tier, read.at) - ttl
             self.tally.read(read, True, self.latency.hit_ms, served, newest_post > stored_at)
         # Flushes due by now need no barrier to happen (a mix without ticks has none).
         await self._flush_until(batch[-1][0].at)
 
-    async def _read(self, user: str, read: Read) -> tuple[str | None, str]:
-        """One read at its own virtual time: (tier that served it or None, origin served)."""
+    def _ttl_of(self, tier: str, stored: bytes) -> int:
+        """The TTL an entry was stored with: its tier's, or PREDICTIVE_TTL for a predictive
+        warm entry. Told apart by the wall-clock expiry in its stamp: the simulation runs
+        through an entry's virtual life in seconds, so its remaining wall-clock life is close
+        to its whole TTL."""
+        s = self.settings
+        if tier == "hot":
+            return s.hot_ttl_ms
+        remaining = unstamp(stored).expires_at - wall_clock_ms()
+        return s.entry_ttl_ms("warm", "predictive") if remaining > s.warm_ttl_ms else s.warm_ttl_ms
+
+    async def _read(self, user: str, read: Read) -> tuple[str | None, str, int]:
+        """One read at its own virtual time: (tier that served it or None, origin served, the
+        entry's TTL)."""
         found = await self.cache.read(user)
         if found is not None:
             tier = found[0]
+            ttl = self._ttl_of(tier, found[1])
             self.stats.hit(tier)
             served = "read"
             if read.first:  # which prefetch stored it (its unread mark), before the flush
@@ -298,14 +311,14 @@ class MixSimulation:
                     "HGET", keys.unread_origin(tier, keys.shard_of(user)), user
                 )
                 served = origin.decode() if origin else "read"
-            return tier, served
+            return tier, served, ttl
         self.stats.miss()
         at = read.at
         cache = TimelineCache(
             self.settings, self.redis["hot"], self.redis["warm"], clock=lambda: at
         )
         await Prefetcher(cache, cast(Any, self.upstream), self.stats).read_through(user)
-        return None, "miss"
+        return None, "miss", 0
 
     async def _post(self, post: _Post) -> None:
         """POST /api/prefetch/events for the poster's followers (post.created)."""

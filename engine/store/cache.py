@@ -167,12 +167,19 @@ class TimelineCache:
         self._compress = settings.cache_compression == "gzip"
         self._clock = clock  # epoch ms written to the expiry index (a replay injects its own)
 
-    def encode(self, body: bytes, tier: str) -> bytes:
+    @property
+    def settings(self) -> Settings:
+        """The settings the tiers were made with (their TTLs)."""
+        return self._settings
+
+    def encode(self, body: bytes, tier: str, ttl_ms: int | None = None) -> bytes:
         """The stored form of a response body for `tier`: compressed (CACHE_COMPRESSION) and
         stamped with a new entity tag and the time the entry will expire (wall clock: it is
-        what clients are told, whatever clock the indexes run on)."""
+        what clients are told, whatever clock the indexes run on). `ttl_ms` defaults to the
+        tier's."""
         encoded = compress(body) if self._compress else body
-        return stamp(encoded, new_tag(), wall_clock_ms() + self._settings.ttl_ms(tier))
+        ttl = self._settings.ttl_ms(tier) if ttl_ms is None else ttl_ms
+        return stamp(encoded, new_tag(), wall_clock_ms() + ttl)
 
     async def read(self, user_id: str) -> tuple[str, bytes] | None:
         """(tier, stored bytes) of the freshest entry, hot first; None when neither has one."""
@@ -229,12 +236,15 @@ class TimelineCache:
             raise gen
         return Ticket(hot_fresh=bool(exists), generation=gen or b"", origin=origin)
 
-    async def store(self, tier: str, user_id: str, body: bytes, ticket: Ticket) -> Stored:
+    async def store(
+        self, tier: str, user_id: str, body: bytes, ticket: Ticket, ttl_ms: int | None = None
+    ) -> Stored:
         """Store an encoded entry unless the user was invalidated since `ticket`.
 
-        The entry's expiry goes into the tier's expiry index in the same atomic step.
+        The entry's expiry (after `ttl_ms`, by default the tier's TTL) goes into the tier's
+        expiry index in the same atomic step.
         """
-        ttl = self._settings.ttl_ms(tier)
+        ttl = self._settings.ttl_ms(tier) if ttl_ms is None else ttl_ms
         reply = await self._conn[tier].evalsha_or_eval(
             _GUARDED_SET,
             _index_keys(tier, user_id),

@@ -94,7 +94,10 @@ async def record_activity(
         settings.predictive_half_life_ms,
         settings.predictive_threshold,
         settings.predictive_lead_ms,
+        settings.predictive_hold_ms,
+        settings.predictive_coverage,
         settings.predictive_hour_ms,
+        settings.predictive_day_offset_ms,
     ]
     calls = [
         (

@@ -1,29 +1,29 @@
--- KEYS: predictive index, profile hash (one shard).
--- ARGV: now (epoch ms), horizon (epoch ms), lead ms, hold ms, half-life ms, threshold,
---       hour ms.
--- For each user whose index time is at or before the horizon, recomputes the predicted open
--- from the profile (one up to `hold` ago still counts): inside [open - lead, open + hold] and
--- before the horizon the user is wanted now (replied, kept due); a later one is re-indexed
--- at open - lead; without one, the faded profile is forgotten.
+-- KEYS: predictive index, profile hash, activity index (one shard).
+-- ARGV: now (epoch ms), horizon (epoch ms), lead ms, hold ms, coverage, half-life ms,
+--       threshold, hour ms, day offset ms.
+-- For each user whose index time is at or before the horizon, finds the first habit window
+-- (profile.lua) that has not ended and that the user has not already opened the app in:
+-- one that has begun by the horizon makes the user wanted now (replied with the predicted
+-- open; kept due, so the next tick looks again), a later one re-indexes the user at its
+-- start; without one, the faded profile is forgotten.
 local now = tonumber(ARGV[1])
 local horizon = tonumber(ARGV[2])
-local lead = tonumber(ARGV[3])
-local hold = tonumber(ARGV[4])
-local half_life = tonumber(ARGV[5])
-local threshold = tonumber(ARGV[6])
-set_hour(tonumber(ARGV[7]))
+local p = params(tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+                 tonumber(ARGV[7]))
+set_hour(tonumber(ARGV[8]), tonumber(ARGV[9]))
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon)
 local wanted = {}
 for _, user in ipairs(due) do
-  local at = next_open(decode(redis.call('HGET', KEYS[2], user)), now - hold, half_life, threshold)
-  if at == nil then
+  local last = tonumber(redis.call('ZSCORE', KEYS[3], user) or '0')
+  local start, open = pending_window(decode(redis.call('HGET', KEYS[2], user)), now, last, p)
+  if start == nil then
     redis.call('ZREM', KEYS[1], user)
     redis.call('HDEL', KEYS[2], user)
   else
-    redis.call('ZADD', KEYS[1], at - lead, user)
-    if at - lead <= horizon then
+    redis.call('ZADD', KEYS[1], start, user)
+    if start <= horizon then
       wanted[#wanted + 1] = user
-      wanted[#wanted + 1] = tostring(at)
+      wanted[#wanted + 1] = tostring(open)
     end
   end
 end

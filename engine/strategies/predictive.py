@@ -1,19 +1,27 @@
-"""Predictive prefetch: have a timeline ready shortly before the hour a user habitually opens
-the app.
+"""Predictive prefetch: have a timeline ready before the moment a user habitually opens the
+app, and keep it until the habit's window has passed or the user came.
 
-Each user's profile (a field of a per-shard hash in the metrics DB) holds at most 24 hour-of-
-week buckets, each with a weight (app opens seen in that hour, halved every
-PREDICTIVE_HALF_LIFE, so habits can change) and the weighted mean minute of those opens.
-`record_activity` (activity.py) updates it at every app open and puts the user in the
-per-shard predictive index at `predicted open - PREDICTIVE_LEAD_TIME`. A predicted open is
-the next occurrence of a bucket's mean minute whose decayed weight is at least
-PREDICTIVE_THRESHOLD then. The math is Lua (profile.lua), shared by the recording and the
-tick, so both run it atomically next to the data.
+Each user's profile (a field of a per-shard hash in the metrics DB) holds at most 8 habits:
+a time of day on a kind of day (weekdays, weekend days), with a weight (the app opens it saw,
+halved every PREDICTIVE_HALF_LIFE, so habits change), the weighted mean minute of those opens
+and their variance (how much this user's start moves from day to day). Days of a kind pool
+their opens, so a week of history has seen a weekday habit five times, and its mean is
+known to a fraction of its jitter. `record_activity` (activity.py) teaches the profile at
+every app open and puts the user in the per-shard predictive index at the start of its next
+window. The math is Lua (profile.lua), shared by the recording and the tick, so both run it
+atomically next to the data.
+
+A habit's window opens PREDICTIVE_COVERAGE standard deviations of its start before its mean
+(at least PREDICTIVE_LEAD_TIME) and closes as far after it (at least PREDICTIVE_HOLD_TIME);
+a habit predicts only while its decayed weight is at least PREDICTIVE_THRESHOLD (with the
+defaults one open predicts the next two days of its kind: a newcomer is served from its
+second day, and a stray open costs at most two unread fetches). An app open inside a window
+uses it up: the user is re-indexed at its next window, and nothing more is fetched for it.
 
 Each tick reads only the index members due before the tick's horizon (cost: users about to
-open the app, not all users). A user is wanted from `open - lead` until `open + hold`
-(PREDICTIVE_HOLD_TIME): the scheduler keeps the entry covered through that window, in warm
-(`medium`), whose TTL outlasts the lead. Then the user is re-indexed at its next open.
+open the app, not all users). A wanted user's entry is stored in the warm tier with a TTL of
+PREDICTIVE_TTL (2 h; engine.settings.Settings.entry_ttl_ms): one fetch covers most of a
+habit's window, where 15-minute warm entries would need eight.
 """
 
 from __future__ import annotations
@@ -44,15 +52,24 @@ class PredictiveStrategy:
             horizon_ms,
             s.predictive_lead_ms,
             s.predictive_hold_ms,
+            s.predictive_coverage,
             s.predictive_half_life_ms,
             s.predictive_threshold,
             s.predictive_hour_ms,
+            s.predictive_day_offset_ms,
         ]
         replies = await eval_many(
             self._metrics,
             _DUE,
             [
-                ([keys.predict_index(shard), keys.predict_profile(shard)], args)
+                (
+                    [
+                        keys.predict_index(shard),
+                        keys.predict_profile(shard),
+                        keys.activity_index(shard),
+                    ],
+                    args,
+                )
                 for shard in range(keys.SHARDS)
             ],
         )
@@ -63,5 +80,5 @@ class PredictiveStrategy:
         return out
 
     def split(self, selected: list[Candidate]) -> dict[str, list[str]]:
-        """All `medium` (warm): the entry must outlive the lead time before the open."""
+        """All `medium`: warm, where a predictive entry lives PREDICTIVE_TTL."""
         return {"high": [], "medium": [c.user for c in selected]}
