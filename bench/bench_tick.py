@@ -104,7 +104,9 @@ async def load(
     frequency: dict[int, dict[str, int]] = {}
     for user in tracked[:active]:
         shard = keys.shard_of(user)
-        last_active.setdefault(shard, []).append((now - rng.randint(0, 14 * MINUTE), user))
+        last_active.setdefault(shard, []).append(
+            (now - rng.randint(0, settings.activity_window_ms - 1_000), user)
+        )
         frequency.setdefault(shard, {})[user] = rng.randint(1, 20)
 
     async def send(client: FastRedis, commands: list[tuple[Any, ...]]) -> None:
