@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from engine import settings_parse as parsers
 from engine.cpus import available_cpus
 from engine.errors import ConfigError
 
@@ -139,230 +140,78 @@ class Settings:
         return Settings(**values)
 
 
-# --- parsers: each returns the value or raises ValueError with the accepted form -------------
-
-
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError(f"an integer from {lo} to {hi}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"an integer from {lo} to {hi}")
-        return value
-
-    return parse
-
-
-def _float(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(f"a number from {lo} to {hi}") from None
-        if not lo <= value <= hi:  # also refuses nan
-            raise ValueError(f"a number from {lo} to {hi}")
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("true or false")
-
-
-def _choice(*options: str, lower: bool = True) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower() if lower else raw.strip()
-        if value not in options:
-            raise ValueError("one of " + "|".join(options))
-        return value
-
-    return parse
-
-
-def _http_url(raw: str) -> str:
-    value = raw.strip().rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("an http:// or https:// URL")
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise ValueError("an http:// or https:// URL with a numeric port") from None
-    return value
-
-
-def _redis_url(raw: str) -> str:
-    value = raw.strip()
-    parts = urlsplit(value)
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise ValueError("a redis://, rediss:// or unix:// URL")
-    # Both clients must accept it: redis-py (Dramatiq's broker) and our FastRedis.
-    from redis import ConnectionPool
-
-    from engine.store.endpoint import RedisAddress
-
-    try:
-        ConnectionPool.from_url(value)
-        RedisAddress.parse(value)
-    except (ValueError, ConfigError) as exc:
-        raise ValueError(
-            f"a redis://, rediss:// or unix:// URL whose options parse ({exc})"
-        ) from None
-    return value
-
-
-def _broker_url(raw: str) -> str:
-    value = raw.strip()
-    scheme = urlsplit(value).scheme
-    if scheme in ("redis", "rediss", "unix"):
-        return _redis_url(value)
-    if scheme not in ("amqp", "amqps"):
-        raise ValueError("a redis://, rediss://, unix://, amqp:// or amqps:// URL")
-    parts = urlsplit(value)
-    if parts.username is not None and parts.password is None:
-        # pika fails on it with a TypeError that would name nothing useful.
-        raise ValueError("an amqp:// URL with both user and password (amqp://user:pass@host/vhost)")
-    import pika  # Dramatiq's RabbitMQ broker parses it with pika: refuse what pika refuses
-
-    try:
-        pika.URLParameters(value)
-    except Exception as exc:
-        raise ValueError(f"an amqp:// or amqps:// URL whose options parse ({exc})") from None
-    return value
-
-
-def _text(raw: str) -> str:
-    return raw.strip()
-
-
-def _path_template(raw: str) -> str:
-    value = raw.strip()
-    if not value.startswith("/") or "{userId}" not in value:
-        raise ValueError("a path starting with / that contains {userId}")
-    return value
-
-
-def _optional_path(raw: str) -> str:
-    value = raw.strip()
-    if value and not value.startswith("/"):
-        raise ValueError("empty or a path starting with /")
-    return value
-
-
-_LOG_LEVELS = {
-    "debug": "DEBUG",
-    "info": "INFO",
-    "warn": "WARNING",
-    "warning": "WARNING",
-    "error": "ERROR",
-    "critical": "CRITICAL",
-}
-
-
-def _log_level(raw: str) -> str:
-    return _LOG_LEVELS[_choice(*_LOG_LEVELS)(raw)]
-
-
-def _access_log(raw: str) -> float:
-    """`on` (1.0), `off` (0.0) or `sample:<fraction>` with a fraction in (0, 1]."""
-    value = raw.strip().lower()
-    if value in ("on", "true", "1"):
-        return 1.0
-    if value in ("off", "false", "0"):
-        return 0.0
-    form = "on, off or sample:<fraction> with 0 < fraction <= 1 (e.g. sample:0.01)"
-    if not value.startswith("sample:"):
-        raise ValueError(form)
-    try:
-        fraction = float(value.removeprefix("sample:"))
-    except ValueError:
-        raise ValueError(form) from None
-    if not 0 < fraction <= 1:  # also refuses nan
-        raise ValueError(form)
-    return fraction
-
-
-_PORT = _int(1, 65535)
-_DB = _int(0, 15)
-_MS = _int(1, 86_400_000)
-
 # variable -> (field, parser). Several seed names map to one field where they are aliases.
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "ENV": ("env", _choice("development", "production", "test")),
-    "NODE_ENV": ("env", _choice("development", "production", "test")),
-    "PREFETCH_SERVICE_HOST": ("service_host", _text),
-    "PREFETCH_SERVICE_PORT": ("service_port", _PORT),
-    "API_WORKERS": ("api_workers", _int(1, 64)),
-    "PREFETCH_HEALTH_PORT": ("health_port", _int(0, 65535)),
-    "API_HEADER_TIMEOUT": ("api_header_timeout_ms", _int(100, 600_000)),
-    "API_BODY_TIMEOUT": ("api_body_timeout_ms", _int(100, 600_000)),
-    "API_MAX_CONNECTIONS": ("api_max_connections", _int(16, 1_000_000)),
-    "PREFETCH_WORKER_COUNT": ("worker_count", _int(1, 256)),
-    "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", _int(1, 10_000)),
-    "PREFETCH_BATCH_SIZE": ("batch_size", _int(1, 1_000)),
-    "REDIS_CLUSTER_MODE": ("redis_cluster_mode", _bool),
-    "BROKER_URL": ("broker_url", _broker_url),
-    "BROKER_QUEUE_TYPE": ("broker_queue_type", _choice("quorum", "classic")),
-    "BROKER_REHOLD_MS": ("broker_rehold_ms", _int(100, 86_400_000)),
-    "REDIS_DB_HOT": ("db_hot", _DB),
-    "REDIS_DB_WARM": ("db_warm", _DB),
-    "REDIS_DB_QUEUE": ("db_queue", _DB),
-    "REDIS_DB_METRICS": ("db_metrics", _DB),
-    "CA_URL": ("ca_url", _http_url),
-    "TIMELINE_SERVICE_URL": ("timeline_url", _http_url),
-    "AUTH_SERVICE_URL": ("auth_service_url", _http_url),
-    "TIMELINE_PATH": ("timeline_path", _path_template),
-    "HOT_CACHE_TTL": ("hot_ttl_ms", _MS),
-    "WARM_CACHE_TTL": ("warm_ttl_ms", _MS),
-    "COLD_CACHE_TTL": ("cold_ttl_ms", _MS),
-    "ENABLE_ACTIVITY_BASED": ("enable_activity_based", _bool),
-    "ENABLE_EVENT_TRIGGERED": ("enable_event_triggered", _bool),
-    "ENABLE_PREDICTIVE": ("enable_predictive", _bool),
-    "ACTIVITY_CHECK_INTERVAL": ("activity_check_interval_ms", _int(1_000, 86_400_000)),
-    "ACTIVITY_WINDOW": ("activity_window_ms", _int(1_000, 604_800_000)),
-    "ACTIVITY_HIGH_PERCENT": ("activity_high_percent", _int(0, 100)),
-    "ACTIVITY_REFRESH_LEAD": ("activity_refresh_lead_ms", _int(0, 3_600_000)),
-    "SCHEDULER_LEASE_TTL": ("scheduler_lease_ttl_ms", _int(1_000, 600_000)),
-    "PREDICTIVE_LEAD_TIME": ("predictive_lead_ms", _int(0, 86_400_000)),
-    "PREDICTIVE_HOLD_TIME": ("predictive_hold_ms", _int(0, 86_400_000)),
-    "PREDICTIVE_COVERAGE": ("predictive_coverage", _float(0.0, 10.0)),
-    "PREDICTIVE_TTL": ("predictive_ttl_ms", _MS),
-    "PREDICTIVE_THRESHOLD": ("predictive_threshold", _float(0.01, 1_000.0)),
-    "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", _int(3_600_000, 31_536_000_000)),
-    "PREDICTIVE_HOUR": ("predictive_hour_ms", _int(1_000, 3_600_000)),
-    "PREDICTIVE_DAY_OFFSET": ("predictive_day_offset_ms", _int(-604_800_000, 604_800_000)),
-    "MAX_TIMELINE_SIZE": ("max_timeline_size", _int(1, 1_000)),
-    "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", _int(100, 600_000)),
-    "PREFETCH_JOB_DEADLINE": ("job_deadline_ms", _int(0, 3_600_000)),
-    "PREFETCH_MAX_ATTEMPTS": ("prefetch_max_attempts", _int(1, 20)),
-    "PREFETCH_BACKOFF_MS": ("prefetch_backoff_ms", _int(0, 3_600_000)),
-    "PREFETCH_SHUTDOWN_TIMEOUT": ("prefetch_shutdown_timeout_ms", _int(0, 600_000)),
-    "SERVICE_CERTIFICATE_TOKEN": ("service_token", _text),
-    "SERVICE_TOKEN_PATH": ("service_token_path", _optional_path),
-    "AUTH_CACHE_TTL": ("auth_cache_ttl_ms", _int(0, 3_600_000)),
-    "AUTH_CACHE_SIZE": ("auth_cache_size", _int(1, 10_000_000)),
-    "CA_TIMEOUT": ("ca_timeout_ms", _int(50, 60_000)),
-    "CACHE_COMPRESSION": ("cache_compression", _choice("gzip", "none")),
-    "QUEUE_PREFETCH": ("queue_prefetch", _int(1, 100_000)),
-    "DELAY_QUEUE_PREFETCH": ("delay_queue_prefetch", _int(1, 1_000_000)),
-    "QUEUE_BACKLOG_DEGRADED": ("queue_backlog_degraded", _int(1, 10_000_000)),
-    "HEALTH_MEMORY_LIMIT_MB": ("health_memory_limit_mb", _int(16, 1_048_576)),
-    "METRICS_RETENTION_DAYS": ("metrics_retention_days", _int(1, 3_650)),
-    "PREFETCH_METRICS_DIR": ("metrics_dir", _text),
-    "LOG_LEVEL": ("log_level", _log_level),
-    "LOG_FORMAT": ("log_format", _choice("json", "text")),
-    "ACCESS_LOG": ("access_log_sample", _access_log),
+    "ENV": ("env", parsers.choice("development", "production", "test")),
+    "NODE_ENV": ("env", parsers.choice("development", "production", "test")),
+    "PREFETCH_SERVICE_HOST": ("service_host", parsers.text),
+    "PREFETCH_SERVICE_PORT": ("service_port", parsers.PORT),
+    "API_WORKERS": ("api_workers", parsers.int_in(1, 64)),
+    "PREFETCH_HEALTH_PORT": ("health_port", parsers.int_in(0, 65535)),
+    "API_HEADER_TIMEOUT": ("api_header_timeout_ms", parsers.int_in(100, 600_000)),
+    "API_BODY_TIMEOUT": ("api_body_timeout_ms", parsers.int_in(100, 600_000)),
+    "API_MAX_CONNECTIONS": ("api_max_connections", parsers.int_in(16, 1_000_000)),
+    "PREFETCH_WORKER_COUNT": ("worker_count", parsers.int_in(1, 256)),
+    "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", parsers.int_in(1, 10_000)),
+    "PREFETCH_BATCH_SIZE": ("batch_size", parsers.int_in(1, 1_000)),
+    "REDIS_CLUSTER_MODE": ("redis_cluster_mode", parsers.boolean),
+    "BROKER_URL": ("broker_url", parsers.broker_url),
+    "BROKER_QUEUE_TYPE": ("broker_queue_type", parsers.choice("quorum", "classic")),
+    "BROKER_REHOLD_MS": ("broker_rehold_ms", parsers.int_in(100, 86_400_000)),
+    "REDIS_DB_HOT": ("db_hot", parsers.DB),
+    "REDIS_DB_WARM": ("db_warm", parsers.DB),
+    "REDIS_DB_QUEUE": ("db_queue", parsers.DB),
+    "REDIS_DB_METRICS": ("db_metrics", parsers.DB),
+    "CA_URL": ("ca_url", parsers.http_url),
+    "TIMELINE_SERVICE_URL": ("timeline_url", parsers.http_url),
+    "AUTH_SERVICE_URL": ("auth_service_url", parsers.http_url),
+    "TIMELINE_PATH": ("timeline_path", parsers.path_template),
+    "HOT_CACHE_TTL": ("hot_ttl_ms", parsers.MS),
+    "WARM_CACHE_TTL": ("warm_ttl_ms", parsers.MS),
+    "COLD_CACHE_TTL": ("cold_ttl_ms", parsers.MS),
+    "ENABLE_ACTIVITY_BASED": ("enable_activity_based", parsers.boolean),
+    "ENABLE_EVENT_TRIGGERED": ("enable_event_triggered", parsers.boolean),
+    "ENABLE_PREDICTIVE": ("enable_predictive", parsers.boolean),
+    "ACTIVITY_CHECK_INTERVAL": ("activity_check_interval_ms", parsers.int_in(1_000, 86_400_000)),
+    "ACTIVITY_WINDOW": ("activity_window_ms", parsers.int_in(1_000, 604_800_000)),
+    "ACTIVITY_HIGH_PERCENT": ("activity_high_percent", parsers.int_in(0, 100)),
+    "ACTIVITY_REFRESH_LEAD": ("activity_refresh_lead_ms", parsers.int_in(0, 3_600_000)),
+    "SCHEDULER_LEASE_TTL": ("scheduler_lease_ttl_ms", parsers.int_in(1_000, 600_000)),
+    "PREDICTIVE_LEAD_TIME": ("predictive_lead_ms", parsers.int_in(0, 86_400_000)),
+    "PREDICTIVE_HOLD_TIME": ("predictive_hold_ms", parsers.int_in(0, 86_400_000)),
+    "PREDICTIVE_COVERAGE": ("predictive_coverage", parsers.float_in(0.0, 10.0)),
+    "PREDICTIVE_TTL": ("predictive_ttl_ms", parsers.MS),
+    "PREDICTIVE_THRESHOLD": ("predictive_threshold", parsers.float_in(0.01, 1_000.0)),
+    "PREDICTIVE_HALF_LIFE": ("predictive_half_life_ms", parsers.int_in(3_600_000, 31_536_000_000)),
+    "PREDICTIVE_HOUR": ("predictive_hour_ms", parsers.int_in(1_000, 3_600_000)),
+    "PREDICTIVE_DAY_OFFSET": (
+        "predictive_day_offset_ms",
+        parsers.int_in(-604_800_000, 604_800_000),
+    ),
+    "MAX_TIMELINE_SIZE": ("max_timeline_size", parsers.int_in(1, 1_000)),
+    "PREFETCH_TIMEOUT": ("prefetch_timeout_ms", parsers.int_in(100, 600_000)),
+    "PREFETCH_JOB_DEADLINE": ("job_deadline_ms", parsers.int_in(0, 3_600_000)),
+    "PREFETCH_MAX_ATTEMPTS": ("prefetch_max_attempts", parsers.int_in(1, 20)),
+    "PREFETCH_BACKOFF_MS": ("prefetch_backoff_ms", parsers.int_in(0, 3_600_000)),
+    "PREFETCH_SHUTDOWN_TIMEOUT": ("prefetch_shutdown_timeout_ms", parsers.int_in(0, 600_000)),
+    "SERVICE_CERTIFICATE_TOKEN": ("service_token", parsers.text),
+    "SERVICE_TOKEN_PATH": ("service_token_path", parsers.optional_path),
+    "AUTH_CACHE_TTL": ("auth_cache_ttl_ms", parsers.int_in(0, 3_600_000)),
+    "AUTH_CACHE_SIZE": ("auth_cache_size", parsers.int_in(1, 10_000_000)),
+    "CA_TIMEOUT": ("ca_timeout_ms", parsers.int_in(50, 60_000)),
+    "CACHE_COMPRESSION": ("cache_compression", parsers.choice("gzip", "none")),
+    "QUEUE_PREFETCH": ("queue_prefetch", parsers.int_in(1, 100_000)),
+    "DELAY_QUEUE_PREFETCH": ("delay_queue_prefetch", parsers.int_in(1, 1_000_000)),
+    "QUEUE_BACKLOG_DEGRADED": ("queue_backlog_degraded", parsers.int_in(1, 10_000_000)),
+    "HEALTH_MEMORY_LIMIT_MB": ("health_memory_limit_mb", parsers.int_in(16, 1_048_576)),
+    "METRICS_RETENTION_DAYS": ("metrics_retention_days", parsers.int_in(1, 3_650)),
+    "PREFETCH_METRICS_DIR": ("metrics_dir", parsers.text),
+    "LOG_LEVEL": ("log_level", parsers.log_level),
+    "LOG_FORMAT": ("log_format", parsers.choice("json", "text")),
+    "ACCESS_LOG": ("access_log_sample", parsers.access_log),
     # OpenTelemetry's own names; the SDK reads the rest (OTEL_EXPORTER_OTLP_ENDPOINT, ...).
-    "OTEL_TRACES_EXPORTER": ("otel_traces_exporter", _choice("none", "otlp", "console")),
-    "OTEL_SERVICE_NAME": ("otel_service_name", _text),
+    "OTEL_TRACES_EXPORTER": ("otel_traces_exporter", parsers.choice("none", "otlp", "console")),
+    "OTEL_SERVICE_NAME": ("otel_service_name", parsers.text),
 }
 # Seed names that no longer configure anything: each still starts, with this warning logged.
 RETIRED: dict[str, str] = {
@@ -478,7 +327,7 @@ def _redis_location(env: Mapping[str, str]) -> dict[str, Any]:
     password = env.get("REDIS_PASSWORD", "")
     if url:
         try:
-            return {"redis_url": _redis_url(url), "redis_configured": True}
+            return {"redis_url": parsers.redis_url(url), "redis_configured": True}
         except ValueError as exc:
             raise ConfigError(f"REDIS_URL={url!r} is not valid: expected {exc}") from None
     if not host and not port_raw:
@@ -486,14 +335,14 @@ def _redis_location(env: Mapping[str, str]) -> dict[str, Any]:
     port = 6379
     if port_raw:
         try:
-            port = _PORT(port_raw)
+            port = parsers.PORT(port_raw)
         except ValueError as exc:
             raise ConfigError(f"REDIS_PORT={port_raw!r} is not valid: expected {exc}") from None
     # Quoted: a password may hold any of the URL's own delimiters (p@ss/word, a:b, 50%).
     auth = f":{quote(password, safe='')}@" if password else ""
     url = f"redis://{auth}{host or '127.0.0.1'}:{port}"
     try:
-        return {"redis_url": _redis_url(url), "redis_configured": True}
+        return {"redis_url": parsers.redis_url(url), "redis_configured": True}
     except ValueError:
         raise ConfigError(
             "REDIS_HOST/REDIS_PORT/REDIS_PASSWORD are not valid: expected a host name or address"
