@@ -4,7 +4,9 @@ The read path only adds a user id to an in-memory set (and, for a cache hit, not
 that served it); a background task hands the sets to the strategies once a second: one
 script per key shard records the users in the sharded activity indexes (and app opens in the
 predictive profile), and one per shard and tier counts the hits that used a prefetched entry
-(engine.strategies.usefulness). Recording therefore costs no round trip per read.
+(engine.strategies.usefulness). Recording therefore costs no round trip per read. A user who
+opens the app with a refresh deferred by an event (engine.strategies.events) and was served
+from cache gets that refresh scheduled by the flush.
 
 What `POST /api/activity`'s 202 promises: the users are held in this process's buffer and
 will be written within about a second, because the last write to Redis landed. While the
@@ -25,6 +27,7 @@ from engine.runtime import Runtime
 from engine.store import keys
 from engine.store.cache import wall_clock_ms
 from engine.strategies.activity import record_activity
+from engine.strategies.events import refresh_at_open
 from engine.strategies.usefulness import count_reads
 
 log = logging.getLogger(__name__)
@@ -97,12 +100,17 @@ class ActivityBatcher:
         served, self._served = self._served, {"hot": set(), "warm": set()}
         runtime = self._runtime
         try:
-            await asyncio.gather(
+            recorded, _ = await asyncio.gather(
                 record_activity(
                     runtime.redis["background"], runtime.settings, users, wall_clock_ms()
                 ),
                 count_reads(runtime.redis, served, runtime.stats),
             )
+            if recorded.changed and runtime.settings.enable_event_triggered:
+                # Refreshes an event deferred: due now that these users opened the app.
+                await refresh_at_open(
+                    runtime.jobs, recorded.changed, served["hot"] | served["warm"]
+                )
         except Exception as exc:
             # Recording again is harmless (a later time, one more count). Hits are offered
             # again too: a mark cleared (and counted) already is not found a second time.

@@ -16,6 +16,7 @@ from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
 from tests.conftest import ApiClient, eventually, new_user, serve_api
+from tests.strategy_support import queued_batches
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -164,6 +165,38 @@ async def test_events_refresh_readers_keep_idle_entries_and_invalidate_the_rest(
     # The entry of a user who is not reading is kept as it is.
     status = (await api.call("GET", f"/api/cache/status/{cached}")).body["data"]
     assert status["cached"] is True and status["tier"] == "hot"
+
+
+async def test_a_deferred_refresh_runs_at_the_users_next_app_open(
+    api: ApiClient, redis_roles: dict[str, FastRedis]
+) -> None:
+    away, gone = new_user(), new_user()
+    for user in (away, gone):
+        await api.call("POST", f"/api/prefetch/immediate/{user}")
+    body = {"type": "post.created", "userId": new_user(), "affectedUserIds": [away, gone]}
+    reply = await api.call("POST", "/api/prefetch/events", json=body)
+    assert reply.body["data"] == {"refreshed": 0, "invalidated": 0, "deferred": 2}
+    for user in (away, gone):
+        changed = keys.changed_index(keys.shard_of(user))
+        assert await redis_roles["metrics"].execute("ZSCORE", changed, user) is not None
+    queue = redis_roles["queue"]
+    assert not [b for b in await queued_batches(queue) if {away, gone} & set(b.users)]
+    # `gone`'s entry expires unseen; `away` opens the app: served from cache at once, and the
+    # refresh the event deferred is scheduled by the activity flush.
+    await api.call("DELETE", f"/api/cache/{gone}/timeline")
+    assert (await api.call("GET", f"/api/cache/{away}")).body["meta"]["cached"] is True
+    assert (await api.call("GET", f"/api/cache/{gone}")).body["meta"]["cached"] is False
+
+    async def scheduled() -> bool:
+        return any(away in b.users for b in await queued_batches(queue))
+
+    await eventually(scheduled)
+    [job] = [b for b in await queued_batches(queue) if away in b.users]
+    assert job.actor == "prefetch_high" and job.origin == "event" and job.force
+    assert not [b for b in await queued_batches(queue) if gone in b.users]  # a miss: fresh
+    for user in (away, gone):  # the marks are taken at the open
+        changed = keys.changed_index(keys.shard_of(user))
+        assert await redis_roles["metrics"].execute("ZSCORE", changed, user) is None
 
 
 async def test_follow_event_affects_the_follower(api: ApiClient) -> None:

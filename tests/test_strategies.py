@@ -306,9 +306,17 @@ async def test_an_event_refreshes_wanted_users_and_invalidates_the_rest_at_a_giv
         b.origin == "event" and b.force and b.actor == "prefetch_high" for b in chosen.values()
     )
     # The old entry stays until the refresh lands; the others' generations moved.
-    # Entries of users not reading now are kept as they are, neither refetched nor dropped.
+    # Entries of users not reading now are kept as they are, neither refetched nor dropped,
+    # and marked changed (refreshed at their next app open) until no entry could be left.
     for user in (cached, predicted):
         assert await redis_roles["warm"].execute("EXISTS", keys.timeline("warm", user)) == 1
         assert await redis_roles["warm"].execute("GET", keys.generation("warm", user)) is None
+        changed = keys.changed_index(keys.shard_of(user))
+        assert await metrics.execute("ZSCORE", changed, user) == str(now).encode()
+    ticking = s.with_overrides(enable_event_triggered=True)
+    await scheduler_for(ticking, redis_roles).tick(now + s.predictive_ttl_ms)
+    assert await metrics.execute("ZSCORE", keys.changed_index(keys.shard_of(cached)), cached)
+    await scheduler_for(ticking, redis_roles).tick(now + s.predictive_ttl_ms + 1)
+    assert not await metrics.execute("ZSCORE", keys.changed_index(keys.shard_of(cached)), cached)
     for user in (idle, gone):
         assert await redis_roles["warm"].execute("GET", keys.generation("warm", user)) == b"1"

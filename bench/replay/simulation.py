@@ -6,7 +6,8 @@ virtual clock that jumps from one thing to do to the next. What runs is producti
 - reads: `TimelineCache.read` (hot, then warm), and on a miss `Prefetcher.read_through`
   (fetch, store in warm); latency is modelled (virtual.calibrate);
 - the API's activity flush, once a virtual second: `record_activity` (activity index,
-  sessions, the predictive profile) and `usefulness.count_reads`, as `api.activity` does;
+  sessions, the predictive profile), `usefulness.count_reads` and, with events, the refreshes
+  deferred to an app open (`events.refresh_at_open`), as `api.activity` does;
 - the leader's tick every ACTIVITY_CHECK_INTERVAL: `Scheduler.tick(now_ms)`, which selects,
   enqueues batch messages on the real queue and sweeps;
 - events: `refresh_or_invalidate` (engine.strategies.events) for the poster's followers, as
@@ -59,8 +60,8 @@ from engine.settings import Settings
 from engine.store import keys
 from engine.store.cache import TimelineCache, unstamp, wall_clock_ms
 from engine.store.fastredis import FastRedis
-from engine.strategies.activity import record_activity
-from engine.strategies.events import refresh_or_invalidate
+from engine.strategies.activity import Recorded, record_activity
+from engine.strategies.events import refresh_at_open, refresh_or_invalidate
 from engine.strategies.scheduler import Scheduler
 from engine.strategies.usefulness import count_reads
 
@@ -257,13 +258,18 @@ class MixSimulation:
         if not due:
             return
         self.flushes = self.flushes[len(due) :]
-        await asyncio.gather(
+        recorded = await asyncio.gather(
             *(
                 record_activity(self.redis["metrics"], self.settings, group.users, group.at)
                 for group in due
             ),
             *(count_reads(self.redis, group.served, self.stats) for group in due),
         )
+        if self.settings.enable_event_triggered:
+            for group, done in zip(due, recorded, strict=False):
+                served = group.served["hot"] | group.served["warm"]
+                if await refresh_at_open(self.jobs, cast(Recorded, done).changed, served):
+                    self.drain_at = min(self.drain_at, group.at + self.job_latency_ms)
 
     async def _reads(self, batch: list[tuple[Read, int]]) -> None:
         """GET /api/cache/{userId} (api/views_cache.py) for distinct users, without HTTP."""

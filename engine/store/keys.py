@@ -126,8 +126,14 @@ def activity_frequency(shard: int) -> str:
     return f"{PREFIX}:activity:freq:{shard_tag(shard)}"
 
 
+def changed_index(shard: int) -> str:
+    """Zset user -> when an event changed the timeline of a user who was not reading
+    (a deferred refresh, done at the user's next app open: engine/strategies/events.py)."""
+    return f"{PREFIX}:activity:changed:{shard_tag(shard)}"
+
+
 def predict_profile(shard: int) -> str:
-    """Hash user -> packed hour-of-week profile (engine/strategies/profile.lua)."""
+    """Hash user -> packed habits (engine/strategies/profile.lua)."""
     return f"{PREFIX}:predict:profile:{shard_tag(shard)}"
 
 

@@ -80,12 +80,21 @@ class ActivityStrategy:
         return split_by_rank(selected, self._settings.activity_high_percent)
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What one recording saw: how many app opens, and which of the opening users had a
+    refresh deferred by an event (engine.strategies.events: due now, at the open)."""
+
+    opens: int
+    changed: list[str]
+
+
 async def record_activity(
     metrics: RedisClient, settings: Settings, users: Iterable[str], now_ms: int
-) -> int:
+) -> Recorded:
     """Record users as active at `now_ms` (one script per shard, one round trip).
 
-    Returns how many of them opened the app (their first activity after a full window idle).
+    An app open is a user's first activity after a full window idle.
     """
     args_head = [
         now_ms,
@@ -106,12 +115,17 @@ async def record_activity(
                 keys.activity_frequency(shard),
                 keys.predict_profile(shard),
                 keys.predict_index(shard),
+                keys.changed_index(shard),
             ],
             [*args_head, *group],
         )
         for shard, group in by_shard(users).items()
     ]
-    return sum(int(reply) for reply in await eval_many(metrics, _RECORD, calls))
+    opens, changed = 0, []
+    for reply in await eval_many(metrics, _RECORD, calls):
+        opens += int(reply[0])
+        changed += [user.decode() for user in reply[1]]
+    return Recorded(opens, changed)
 
 
 async def active_since(metrics: RedisClient, users: list[str], since_ms: int) -> list[bool]:

@@ -1,10 +1,11 @@
--- KEYS: activity index, frequency hash, profile hash, predictive index (one shard).
+-- KEYS: activity index, frequency hash, profile hash, predictive index, changed index
+--       (one shard).
 -- ARGV: now (epoch ms), activity window ms, predictive (1/0), half-life ms, threshold,
 --       lead ms, hold ms, coverage, hour ms, day offset ms, then the users seen active in this flush.
 -- A user idle for a whole window (or never seen) is opening the app: a new session begins,
 -- its frequency restarts at 1 and, with predictive on, its profile learns the open and the
--- predictive index gets the start of its next window not used by this open. Replies the
--- number of app opens.
+-- predictive index gets the start of its next window not used by this open; a mark left by
+-- a deferred event refresh is taken. Replies {app opens, users whose marks were taken...}.
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local predictive = ARGV[3] == '1'
@@ -12,6 +13,7 @@ local p = params(tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumb
                  tonumber(ARGV[5]))
 set_hour(tonumber(ARGV[9]), tonumber(ARGV[10]))
 local opens = 0
+local changed = {}
 for i = 11, #ARGV do
   local user = ARGV[i]
   local prev = redis.call('ZSCORE', KEYS[1], user)
@@ -21,6 +23,7 @@ for i = 11, #ARGV do
   else
     opens = opens + 1
     redis.call('HSET', KEYS[2], user, 1)
+    if redis.call('ZREM', KEYS[5], user) == 1 then changed[#changed + 1] = user end
     if predictive then
       local list = observe(decode(redis.call('HGET', KEYS[3], user)), now, p.half_life)
       redis.call('HSET', KEYS[3], user, encode(list))
@@ -30,4 +33,4 @@ for i = 11, #ARGV do
     end
   end
 end
-return opens
+return {opens, changed}

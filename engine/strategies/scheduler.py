@@ -17,7 +17,8 @@ ACTIVITY_CHECK_INTERVAL with the lease as fence):
    landed batch claims its users for two intervals (no re-enqueue while it is in flight; a
    batch that failed is retried after that); an entry stored after the claim was made ends
    it (the batch landed);
-6. usefulness.sweep trims passed index members and counts expired unread prefetches.
+6. usefulness.sweep trims passed index members and counts expired unread prefetches; marks
+   of deferred event refreshes older than any entry lives are dropped (events.trim_changed).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from engine.store import keys
 from engine.store.client import RedisClient
 from engine.strategies import usefulness
 from engine.strategies.activity import ActivityStrategy, Candidate
+from engine.strategies.events import trim_changed
 from engine.strategies.predictive import PredictiveStrategy
 from engine.strategies.shards import by_shard, commands
 
@@ -145,6 +147,8 @@ class Scheduler:
                 for shard in range(keys.SHARDS)
             ],
         )
+        if self._settings.enable_event_triggered:
+            await trim_changed(self._redis["metrics"], self._settings, now_ms)
         report.wasted = await usefulness.sweep(self._redis, now_ms, self._stats)
         report.duration_ms = round((time.perf_counter() - started) * 1000)
         prometheus.SCHEDULER_TICKS.inc()
