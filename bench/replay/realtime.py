@@ -8,7 +8,8 @@ per real minute; ACTIVITY_CHECK_INTERVAL's floor of 1 s allows no more):
 
     HOT_CACHE_TTL, WARM_CACHE_TTL, ACTIVITY_CHECK_INTERVAL, ACTIVITY_WINDOW,
     ACTIVITY_REFRESH_LEAD, PREDICTIVE_LEAD_TIME, PREDICTIVE_HOLD_TIME, PREDICTIVE_HALF_LIFE,
-    PREDICTIVE_HOUR (the profile's hour, hence its week)
+    PREDICTIVE_TTL, PREDICTIVE_HOUR (the profile's hour, hence its day); PREDICTIVE_DAY_OFFSET
+    is set so that the compressed days keep the population's weekdays
 
 What is not scaled: the API's 1 s activity flush, the usefulness sweep's 5 s grace, the
 upstream and job latencies, the lease. At k = 60 a flush is a virtual minute late at worst.
