@@ -274,6 +274,21 @@ def api_pids(api: Service) -> list[int]:
     return sorted({api.pid, *titled("prefetch: api", ancestor=api.pid)})
 
 
+def start_profile(
+    variant: Variant, server_pids: list[int], args: argparse.Namespace
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on the first server process for the measured run (--profile): collapsed stacks
+    in the profile directory, one file per variant (py-spy's CPU cost is in `other CPU %`)."""
+    if not args.profile or variant.target != "api":
+        return None
+    tool = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = Path(args.profile) / f"{variant.name.replace(' ', '-')}-{variant.compression}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [tool, "record", "-p", str(server_pids[0]), "-d", str(args.duration), "-r", "250"]
+    argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def measure(
     variant: Variant,
     base: str,
@@ -289,9 +304,12 @@ def measure(
     cpu0 = sum(cpu_seconds(p) for p in server_pids)
     redis0 = cpu_seconds(redis_pid) if redis_pid else 0.0
     busy0 = system_busy_seconds()
+    spy = start_profile(variant, server_pids, args)
     result, output, wrk_cpu = run_wrk(
         base, prefix, variant.encoding, users_file, args, args.duration
     )
+    if spy is not None:
+        spy.wait()
     busy = system_busy_seconds() - busy0
     cpu = sum(cpu_seconds(p) for p in server_pids) - cpu0
     redis_cpu = cpu_seconds(redis_pid) - redis0 if redis_pid else 0.0
@@ -530,6 +548,11 @@ def main() -> None:
     parser.add_argument("--skip-redis-benchmark", action="store_true")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="a directory: py-spy's collapsed stacks of the API for each measured API variant",
+    )
     args = parser.parse_args()
     if shutil.which(args.wrk) is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
