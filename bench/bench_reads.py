@@ -9,7 +9,13 @@ asked for. Also runs redis-benchmark GET of a value of the entry's size on the s
 the physical limit of one Redis. Prints a table, writes bench/results/reads-*.json. Nothing
 is asserted; wrk shares the 2 CPUs with the server, so every number includes its cost.
 
-    .venv/bin/python -m bench.bench_reads --duration 10 --compression both
+    .venv/bin/python -m bench.bench_reads --duration 10 --compression both [--dev]
+
+`vs bare` is each variant's req/s over the bare handler's serving the same bytes (gzip or
+plain) in the same run: the ratios of docs/contract.md §7 (gzip client at least 0.75 with a
+p99 under 5 ms, plain client at least 0.5). With `--dev` the API measured is the one of a whole
+`prefetch dev` (its sandbox, the supervisor, workers and scheduler run beside it, their CPU in
+`other CPU %`).
 """
 
 from __future__ import annotations
@@ -270,8 +276,12 @@ def redis_benchmark(url: str, size: int, args: argparse.Namespace) -> dict[str, 
 
 
 def api_pids(api: Service) -> list[int]:
-    """The API process and the children it forked (API_WORKERS > 1)."""
-    return sorted({api.pid, *titled("prefetch: api", ancestor=api.pid)})
+    """The API process and the children it forked (API_WORKERS > 1); under `prefetch dev`,
+    only the API processes among its children."""
+    found = titled("prefetch: api", ancestor=api.pid)
+    if api.name.startswith("dev"):
+        return sorted(found)
+    return sorted({api.pid, *found})
 
 
 def start_profile(
@@ -279,7 +289,7 @@ def start_profile(
 ) -> subprocess.Popen[bytes] | None:
     """py-spy on the first server process for the measured run (--profile): collapsed stacks
     in the profile directory, one file per variant (py-spy's CPU cost is in `other CPU %`)."""
-    if not args.profile or variant.target != "api":
+    if not args.profile:
         return None
     tool = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = Path(args.profile) / f"{variant.name.replace(' ', '-')}-{variant.compression}.txt"
@@ -402,12 +412,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 LOG_LEVEL=args.api_log_level,
                 **upstreams,
             )
-            api = services.prefetch("api", env, name=f"api-{compression}")
+            if args.dev:
+                # The whole of `prefetch dev` (its own sandbox, the supervisor with its workers
+                # and scheduler, the API) on this Redis; reads are measured on its API child.
+                dev_upstreams = {
+                    "TIMELINE_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
+                    "CA_URL": f"http://127.0.0.1:{free_port()}",
+                }
+                env.update(dev_upstreams, PREFETCH_HEALTH_PORT=str(free_port()))
+                api = services.prefetch("dev", env, name=f"dev-{compression}")
+                upstreams_now = dev_upstreams
+            else:
+                api = services.prefetch("api", env, name=f"api-{compression}")
+                upstreams_now = upstreams
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/health/ready", api)
             time.sleep(0.3)  # let API_WORKERS > 1 children all bind
             pids = api_pids(api)
-            ca_before = http_json(upstreams["CA_URL"] + "/__stats")["validateCalls"]
+            ca_before = http_json(upstreams_now["CA_URL"] + "/__stats")["validateCalls"]
             print(
                 f"API, CACHE_COMPRESSION={compression} ({stored_mean} B stored per entry), "
                 f"{args.api_workers} worker(s), pids {pids}:"
@@ -420,7 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 measure(variant, base, "/api/cache/", pids, redis_pid, users_file, args)
                 variants.append(variant)
-            ca_calls = http_json(upstreams["CA_URL"] + "/__stats")["validateCalls"] - ca_before
+            ca_calls = http_json(upstreams_now["CA_URL"] + "/__stats")["validateCalls"]
+            ca_calls -= ca_before
             rss = {pid: memory_kb(pid, "VmRSS") for pid in pids}
             hwm = {pid: memory_kb(pid, "VmHWM") for pid in pids}
             code = services.stop(api)
@@ -477,7 +500,8 @@ def report(args: argparse.Namespace, found: dict[str, Any]) -> None:
     print(
         f"GET /api/cache/{{userId}}: {args.users} users, 100 posts, wrk -t{args.threads} "
         f"-c{args.connections} -d{args.duration:g}s, API_WORKERS={args.api_workers}, "
-        f"{os.cpu_count()} CPUs shared with wrk"
+        f"{os.cpu_count()} CPUs shared with wrk; "
+        f"{'under `prefetch dev`' if args.dev else 'the API alone'}, LOG_LEVEL={args.api_log_level}"
     )
     headers = ["variant", "served", "bytes", "req/s", "p50 ms", "p99 ms", "vs bare", "errors"]
     headers += ["srv CPU µs/req", "Redis CPU µs/req", "wrk CPU %", "other CPU %"]
@@ -548,6 +572,11 @@ def main() -> None:
     parser.add_argument("--skip-redis-benchmark", action="store_true")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="measure the API of a whole `prefetch dev` (sandbox, workers, scheduler, API)",
+    )
     parser.add_argument(
         "--profile",
         default=None,
