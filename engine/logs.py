@@ -173,6 +173,7 @@ class LineHandler(logging.StreamHandler[TextIO]):
         self.addFilter(ContextFilter())
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def fast(self) -> bool:
@@ -212,13 +213,16 @@ class LineHandler(logging.StreamHandler[TextIO]):
         pending.append(line)
         if len(pending) >= BUFFER_LINES:
             self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop to flush later: now
+            self.flush()
+            return
+        # (A timer of a loop that has since stopped would never fire: one per loop.)
+        if self._timer is None or self._timer_loop is not loop:
             self._timer = loop.call_later(FLUSH_S, self._flush_due)
+            self._timer_loop = loop
 
     def _flush_due(self) -> None:
         self._timer = None
@@ -244,9 +248,10 @@ class LineHandler(logging.StreamHandler[TextIO]):
     def flush(self) -> None:
         """Write the buffered lines, then flush the stream."""
         with self.lock:  # type: ignore[union-attr]
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            timer, loop = self._timer, self._timer_loop
+            if timer is not None and loop is not None and not loop.is_closed():
+                timer.cancel()
+            self._timer = self._timer_loop = None
             try:
                 self._write_pending()
             except Exception:  # as emit does: a broken stream must not break the caller

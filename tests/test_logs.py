@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -186,6 +187,29 @@ async def test_access_lines_are_batched_in_order_and_flushed_soon() -> None:
         "line 3",
     ]
     assert lines[0]["n"] == 0 and lines[0]["logger"] == "tests.logs.batched"
+
+
+def test_a_handler_that_outlives_its_event_loop_still_writes_its_lines() -> None:
+    """A line buffered when a loop stops is written with the next loop's first flush."""
+    stream = io.StringIO()
+    handler = logs.make_handler("json", stream)
+    logger = logging.getLogger("tests.logs.loops")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    async def log_in_a_loop(n: int, wait: bool) -> None:
+        logs.emit_fields(logger, logging.INFO, f"line {n}", {"n": n})
+        if wait:
+            await wait_for(lambda: f"line {n}" in stream.getvalue(), 5, "the line written")
+
+    try:
+        asyncio.run(log_in_a_loop(0, wait=False))  # its flush timer dies with the loop
+        asyncio.run(log_in_a_loop(1, wait=True))
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1]
 
 
 def test_other_handlers_get_an_ordinary_record_and_levels_hold(
