@@ -549,6 +549,29 @@ def report(args: argparse.Namespace, found: dict[str, Any]) -> None:
             f"API ({run_['compression']}): RSS {rss:.1f} MB after the run, "
             f"CA validate calls {run_['ca_validate_calls']}"
         )
+    for line in target_lines(variants):
+        print(line)
+
+
+# docs/contract.md §7, per client kind: (least ratio to the bare handler, greatest p99 ms).
+TARGETS = {"gzip": (0.75, 5.0), "plain": (0.5, None)}
+
+
+def target_lines(variants: list[Variant]) -> list[str]:
+    """One line per API variant of a gzip store: its ratio and p99 against §7, met or MISSED."""
+    lines = []
+    for v in variants:
+        if v.target != "api" or v.compression != "gzip" or v.wrk is None:
+            continue
+        least, p99_max = TARGETS[v.encoding]
+        ratio = v.ratio_to_bare or 0.0
+        met = ratio >= least and (p99_max is None or v.wrk.p99_ms < p99_max)
+        p99 = "" if p99_max is None else f", p99 {v.wrk.p99_ms:.2f} ms (< {p99_max:g})"
+        lines.append(
+            f"§7 {v.encoding} client: {ratio:.2f} of the bare handler (>= {least}){p99}: "
+            f"{'met' if met else 'MISSED'}"
+        )
+    return lines
 
 
 def main() -> None:
