@@ -36,16 +36,6 @@ ACCESS_LOGGER: Final = logging.getLogger("access")
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 UNMATCHED: Final = "unmatched"
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-FIELDS: Final = (
-    "method",
-    "route",
-    "path",
-    "status",
-    "duration_ms",
-    "bytes",
-    "remote",
-    "request_id",
-)
 
 
 def route_of(request: web.BaseRequest) -> str:
