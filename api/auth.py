@@ -127,6 +127,9 @@ class Authenticator:
         self._max_size = max_size
         self._cache: OrderedDict[str | bytes, Grant] = OrderedDict()
         self._flights: dict[str | bytes, asyncio.Future[Grant]] = {}
+        # Authorization header -> its token, for short headers already seen: a client sends
+        # the same one on every request, and the parse is most of a cache hit's cost.
+        self._tokens: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -137,7 +140,13 @@ class Authenticator:
         User tokens pass only when `user_id` is theirs: routes without one (queue, metrics,
         activity, events) pass None and so admit service tokens only.
         """
-        token = bearer_token(header)
+        token = self._tokens.get(header) if header is not None else None
+        if token is None:
+            token = bearer_token(header)
+            if header is not None and len(header) <= MAX_RAW_KEY:
+                if len(self._tokens) >= self._max_size:
+                    self._tokens.clear()
+                self._tokens[header] = token
         key = cache_key(token)
         grant = self._cache.get(key)
         if grant is None or grant.deadline <= time.monotonic():

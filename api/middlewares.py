@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
+from random import getrandbits
 
 from aiohttp import web
 
@@ -48,11 +48,16 @@ _HTTP_CODES = {
 
 
 def request_id_of(request: web.Request) -> str:
-    """The caller's X-Request-Id when sane, else a new short random one."""
+    """The caller's X-Request-Id when sane, else a new short random one.
+
+    A request id names a request in logs; it guards nothing, so it comes from the process's
+    PRNG (reseeded in each forked child by `random`'s own fork hook), not from os.urandom: a
+    system call per request saved.
+    """
     incoming = request.headers.get(REQUEST_ID_HEADER)
     if incoming is not None and _SANE_ID.fullmatch(incoming):
         return incoming
-    return secrets.token_hex(8)
+    return f"{getrandbits(64):016x}"
 
 
 def _http_error(exc: web.HTTPException) -> web.StreamResponse:

@@ -21,11 +21,10 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from api import validation
+from api import http_metrics, validation
 from api.appkeys import ACTIVITY, AUTH, READ_RESULT, RUNTIME
 from api.responses import JSON, success
 from engine.errors import NotFound
-from engine.metrics import prometheus
 from engine.prefetcher import ReadThrough
 from engine.store.cache import GZIP_EXPIRES, GZIP_MAGIC, GZIP_TAG, Stamp, decompress, unstamp
 
@@ -78,31 +77,36 @@ def cache_control(expires_at: int) -> str:
 def _timeline_response(request: web.Request, stored: bytes) -> web.Response:
     """The stored entry as the response: gzip as is when accepted, else plain JSON; 304
     when the client's If-None-Match names the entry's tag."""
+    request_headers = request.headers
     if (
         stored[3:4] == b"\x08"
         and stored[:2] == GZIP_MAGIC
-        and accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        and accepts_gzip(request_headers.get("Accept-Encoding", ""))
     ):
         # The hot path (a stamped gzip entry, a gzip client), without building a Stamp.
         tag = stored[GZIP_TAG].decode("ascii")
-        headers = {
-            "ETag": f'"{tag}-gzip"',
-            "Cache-Control": cache_control(int(stored[GZIP_EXPIRES])),
-            "Vary": "Accept-Encoding",
-        }
-        wanted = request.headers.get("If-None-Match")
+        wanted = request_headers.get("If-None-Match")
         if wanted is not None and matches(wanted, tag):
-            return web.Response(status=304, headers=headers)
-        headers["Content-Encoding"] = "gzip"
-        return web.Response(body=stored, content_type=JSON, headers=headers)
+            return web.Response(status=304, headers=_validators_of(tag, "-gzip", stored))
+        # Built whole in one literal (aiohttp copies it into its own header map anyway).
+        return web.Response(
+            body=stored,
+            headers={
+                "ETag": f'"{tag}-gzip"',
+                "Cache-Control": cache_control(int(stored[GZIP_EXPIRES])),
+                "Vary": "Accept-Encoding",
+                "Content-Encoding": "gzip",
+                "Content-Type": JSON,
+            },
+        )
     entry = unstamp(stored)
-    gzip = entry.gzip and accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    gzip = entry.gzip and accepts_gzip(request_headers.get("Accept-Encoding", ""))
     if entry.tag is None:
         headers = dict(_GZIP_HEADERS if gzip else _VARY)
         headers["Cache-Control"] = _UNKNOWN_FRESHNESS
     else:
         headers = _validators(entry, "-gzip" if gzip else "")
-        wanted = request.headers.get("If-None-Match")
+        wanted = request_headers.get("If-None-Match")
         if wanted is not None and matches(wanted, entry.tag):
             return web.Response(status=304, headers=headers)
         if gzip:
@@ -111,6 +115,14 @@ def _timeline_response(request: web.Request, stored: bytes) -> web.Response:
         return web.Response(body=entry.payload, content_type=JSON, headers=headers)
     body = decompress(stored) if entry.gzip else entry.payload
     return web.Response(body=body, content_type=JSON, headers=headers)
+
+
+def _validators_of(tag: str, suffix: str, stored: bytes) -> dict[str, str]:
+    return {
+        "ETag": f'"{tag}{suffix}"',
+        "Cache-Control": cache_control(int(stored[GZIP_EXPIRES])),
+        "Vary": "Accept-Encoding",
+    }
 
 
 def _validators(entry: Stamp, suffix: str) -> dict[str, str]:
@@ -139,12 +151,12 @@ async def get_timeline(request: web.Request) -> web.Response:
     if found is not None:
         tier, stored = found
         runtime.stats.hit(tier)
-        (prometheus.HOT_HIT if tier == "hot" else prometheus.WARM_HIT).inc()
+        http_metrics.cache_hit(tier)  # tallied; published once a second
         request[READ_RESULT] = "hit"
         app[ACTIVITY].add(user, tier)
         return _timeline_response(request, stored)
     runtime.stats.miss()
-    prometheus.CACHE_MISSES.inc()
+    http_metrics.cache_miss()
     request[READ_RESULT] = "miss"
     if request.query.get("cacheOnly") == "true":
         raise NotFound("Timeline not cached")

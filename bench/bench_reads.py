@@ -9,7 +9,13 @@ asked for. Also runs redis-benchmark GET of a value of the entry's size on the s
 the physical limit of one Redis. Prints a table, writes bench/results/reads-*.json. Nothing
 is asserted; wrk shares the 2 CPUs with the server, so every number includes its cost.
 
-    .venv/bin/python -m bench.bench_reads --duration 10 --compression both
+    .venv/bin/python -m bench.bench_reads --duration 10 --compression both [--dev]
+
+`vs bare` is each variant's req/s over the bare handler's serving the same bytes (gzip or
+plain) in the same run: the ratios of docs/contract.md §7 (gzip client at least 0.75 with a
+p99 under 5 ms, plain client at least 0.5). With `--dev` the API measured is the one of a whole
+`prefetch dev` (its sandbox, the supervisor, workers and scheduler run beside it, their CPU in
+`other CPU %`).
 """
 
 from __future__ import annotations
@@ -270,8 +276,27 @@ def redis_benchmark(url: str, size: int, args: argparse.Namespace) -> dict[str, 
 
 
 def api_pids(api: Service) -> list[int]:
-    """The API process and the children it forked (API_WORKERS > 1)."""
-    return sorted({api.pid, *titled("prefetch: api", ancestor=api.pid)})
+    """The API process and the children it forked (API_WORKERS > 1); under `prefetch dev`,
+    only the API processes among its children."""
+    found = titled("prefetch: api", ancestor=api.pid)
+    if api.name.startswith("dev"):
+        return sorted(found)
+    return sorted({api.pid, *found})
+
+
+def start_profile(
+    variant: Variant, server_pids: list[int], args: argparse.Namespace
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on the first server process for the measured run (--profile): collapsed stacks
+    in the profile directory, one file per variant (py-spy's CPU cost is in `other CPU %`)."""
+    if not args.profile:
+        return None
+    tool = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = Path(args.profile) / f"{variant.name.replace(' ', '-')}-{variant.compression}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [tool, "record", "-p", str(server_pids[0]), "-d", str(args.duration), "-r", "250"]
+    argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def measure(
@@ -289,9 +314,12 @@ def measure(
     cpu0 = sum(cpu_seconds(p) for p in server_pids)
     redis0 = cpu_seconds(redis_pid) if redis_pid else 0.0
     busy0 = system_busy_seconds()
+    spy = start_profile(variant, server_pids, args)
     result, output, wrk_cpu = run_wrk(
         base, prefix, variant.encoding, users_file, args, args.duration
     )
+    if spy is not None:
+        spy.wait()
     busy = system_busy_seconds() - busy0
     cpu = sum(cpu_seconds(p) for p in server_pids) - cpu0
     redis_cpu = cpu_seconds(redis_pid) - redis0 if redis_pid else 0.0
@@ -384,12 +412,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 LOG_LEVEL=args.api_log_level,
                 **upstreams,
             )
-            api = services.prefetch("api", env, name=f"api-{compression}")
+            if args.dev:
+                # The whole of `prefetch dev` (its own sandbox, the supervisor with its workers
+                # and scheduler, the API) on this Redis; reads are measured on its API child.
+                dev_upstreams = {
+                    "TIMELINE_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
+                    "CA_URL": f"http://127.0.0.1:{free_port()}",
+                }
+                env.update(dev_upstreams, PREFETCH_HEALTH_PORT=str(free_port()))
+                api = services.prefetch("dev", env, name=f"dev-{compression}")
+                upstreams_now = dev_upstreams
+            else:
+                api = services.prefetch("api", env, name=f"api-{compression}")
+                upstreams_now = upstreams
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/health/ready", api)
             time.sleep(0.3)  # let API_WORKERS > 1 children all bind
             pids = api_pids(api)
-            ca_before = http_json(upstreams["CA_URL"] + "/__stats")["validateCalls"]
+            ca_before = http_json(upstreams_now["CA_URL"] + "/__stats")["validateCalls"]
             print(
                 f"API, CACHE_COMPRESSION={compression} ({stored_mean} B stored per entry), "
                 f"{args.api_workers} worker(s), pids {pids}:"
@@ -402,7 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 measure(variant, base, "/api/cache/", pids, redis_pid, users_file, args)
                 variants.append(variant)
-            ca_calls = http_json(upstreams["CA_URL"] + "/__stats")["validateCalls"] - ca_before
+            ca_calls = http_json(upstreams_now["CA_URL"] + "/__stats")["validateCalls"]
+            ca_calls -= ca_before
             rss = {pid: memory_kb(pid, "VmRSS") for pid in pids}
             hwm = {pid: memory_kb(pid, "VmHWM") for pid in pids}
             code = services.stop(api)
@@ -459,7 +500,8 @@ def report(args: argparse.Namespace, found: dict[str, Any]) -> None:
     print(
         f"GET /api/cache/{{userId}}: {args.users} users, 100 posts, wrk -t{args.threads} "
         f"-c{args.connections} -d{args.duration:g}s, API_WORKERS={args.api_workers}, "
-        f"{os.cpu_count()} CPUs shared with wrk"
+        f"{os.cpu_count()} CPUs shared with wrk; "
+        f"{'under `prefetch dev`' if args.dev else 'the API alone'}, LOG_LEVEL={args.api_log_level}"
     )
     headers = ["variant", "served", "bytes", "req/s", "p50 ms", "p99 ms", "vs bare", "errors"]
     headers += ["srv CPU µs/req", "Redis CPU µs/req", "wrk CPU %", "other CPU %"]
@@ -507,6 +549,29 @@ def report(args: argparse.Namespace, found: dict[str, Any]) -> None:
             f"API ({run_['compression']}): RSS {rss:.1f} MB after the run, "
             f"CA validate calls {run_['ca_validate_calls']}"
         )
+    for line in target_lines(variants):
+        print(line)
+
+
+# docs/contract.md §7, per client kind: (least ratio to the bare handler, greatest p99 ms).
+TARGETS = {"gzip": (0.75, 5.0), "plain": (0.5, None)}
+
+
+def target_lines(variants: list[Variant]) -> list[str]:
+    """One line per API variant of a gzip store: its ratio and p99 against §7, met or MISSED."""
+    lines = []
+    for v in variants:
+        if v.target != "api" or v.compression != "gzip" or v.wrk is None:
+            continue
+        least, p99_max = TARGETS[v.encoding]
+        ratio = v.ratio_to_bare or 0.0
+        met = ratio >= least and (p99_max is None or v.wrk.p99_ms < p99_max)
+        p99 = "" if p99_max is None else f", p99 {v.wrk.p99_ms:.2f} ms (< {p99_max:g})"
+        lines.append(
+            f"§7 {v.encoding} client: {ratio:.2f} of the bare handler (>= {least}){p99}: "
+            f"{'met' if met else 'MISSED'}"
+        )
+    return lines
 
 
 def main() -> None:
@@ -530,6 +595,16 @@ def main() -> None:
     parser.add_argument("--skip-redis-benchmark", action="store_true")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="measure the API of a whole `prefetch dev` (sandbox, workers, scheduler, API)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="a directory: py-spy's collapsed stacks of the API for each measured API variant",
+    )
     args = parser.parse_args()
     if shutil.which(args.wrk) is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")

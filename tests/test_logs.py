@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +32,12 @@ def free_port() -> int:
 class Captured:
     """The JSON lines the process's root handler would write, as dicts."""
 
-    def __init__(self, stream: io.StringIO) -> None:
+    def __init__(self, stream: io.StringIO, handler: logging.Handler) -> None:
         self._stream = stream
+        self._handler = handler
 
     def records(self) -> list[dict[str, Any]]:
+        self._handler.flush()  # access lines are buffered for up to logs.FLUSH_S
         return [json.loads(line) for line in self._stream.getvalue().splitlines()]
 
     def access(self) -> list[dict[str, Any]]:
@@ -51,7 +55,7 @@ def captured() -> Iterator[Captured]:
     root.setLevel(logging.INFO)
     logs.set_role("api")
     try:
-        yield Captured(stream)
+        yield Captured(stream, handler)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
@@ -106,6 +110,126 @@ def test_the_text_format_keeps_the_context_on_the_first_line() -> None:
         logger.propagate = True
     line = stream.getvalue().strip()
     assert " INFO " in line and "tests.logs.text: hello [user_id=u-1]" in line
+
+
+ACCESS_FIELDS = {
+    "method": "GET",
+    "route": "/api/cache/{userId}",
+    "path": "/api/cache/550e8400-e29b-41d4-a716-446655440000",
+    "status": 200,
+    "duration_ms": 0.412,
+    "bytes": 9304,
+    "remote": "127.0.0.1",
+    "request_id": "5f0c2a9e1b3d4c7a",
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_an_access_line_written_without_a_record_is_the_records_line(fmt: str) -> None:
+    """The fast path (LineHandler.write_fields) writes, byte for byte, the line that the
+    logging module would make of a record with the same fields as extras."""
+    stream = io.StringIO()
+    handler = logs.make_handler(fmt, stream)
+    logger = logging.getLogger("access")
+    message = "GET /api/cache/550e8400-e29b-41d4-a716-446655440000 200"
+    extra = {"fields": tuple(ACCESS_FIELDS), **ACCESS_FIELDS}
+    record = logger.makeRecord("access", logging.INFO, "", 0, message, (), None, extra=extra)
+    logs.set_role("api")
+    try:
+        handler.handle(record)  # the ordinary way: filter, format, write
+        handler.write_fields(logging.INFO, "access", message, ACCESS_FIELDS, record.created)
+        handler.flush()
+    finally:
+        logs.set_role("prefetch")
+    ordinary, fast = stream.getvalue().splitlines()
+    assert fast == ordinary
+    if fmt == "json":
+        line = json.loads(fast)
+        assert list(line) == [
+            "timestamp",
+            "level",
+            "role",
+            "pid",
+            "logger",
+            "message",
+            *ACCESS_FIELDS,
+        ]
+        assert line["role"] == "api" and line["pid"] == os.getpid()
+    else:
+        assert fast.endswith(f"access: {message} [request_id=5f0c2a9e1b3d4c7a]")
+
+
+async def test_access_lines_are_batched_in_order_and_flushed_soon() -> None:
+    """Fast lines wait for one write at most FLUSH_S; an ordinary record (or a flush) writes
+    them first, so the stream keeps the order in which lines were logged."""
+    stream = io.StringIO()
+    handler = logs.make_handler("json", stream)
+    logger = logging.getLogger("tests.logs.batched")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        for n in range(3):
+            logs.emit_fields(logger, logging.INFO, f"line {n}", {"n": n})
+        assert stream.getvalue() == ""  # buffered
+        logger.warning("ordinary")
+        logs.emit_fields(logger, logging.INFO, "line 3", {"n": 3})
+        await wait_for(lambda: "line 3" in stream.getvalue(), 5, "the buffered line written")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == [
+        "line 0",
+        "line 1",
+        "line 2",
+        "ordinary",
+        "line 3",
+    ]
+    assert lines[0]["n"] == 0 and lines[0]["logger"] == "tests.logs.batched"
+
+
+def test_a_handler_that_outlives_its_event_loop_still_writes_its_lines() -> None:
+    """A line buffered when a loop stops is written with the next loop's first flush."""
+    stream = io.StringIO()
+    handler = logs.make_handler("json", stream)
+    logger = logging.getLogger("tests.logs.loops")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    async def log_in_a_loop(n: int, wait: bool) -> None:
+        logs.emit_fields(logger, logging.INFO, f"line {n}", {"n": n})
+        if wait:
+            await wait_for(lambda: f"line {n}" in stream.getvalue(), 5, "the line written")
+
+    try:
+        asyncio.run(log_in_a_loop(0, wait=False))  # its flush timer dies with the loop
+        asyncio.run(log_in_a_loop(1, wait=True))
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1]
+
+
+def test_other_handlers_get_an_ordinary_record_and_levels_hold(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream = io.StringIO()
+    handler = logs.make_handler("json", stream)
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("tests.logs.mixed")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="tests.logs.mixed"):
+            logs.emit_fields(logger, logging.INFO, "GET / 200", {"status": 200})
+        handler.flush()
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == ""  # below the handler's level
+    (record,) = [r for r in caplog.records if r.name == "tests.logs.mixed"]
+    assert record.getMessage() == "GET / 200" and record.status == 200  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
