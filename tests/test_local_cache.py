@@ -227,6 +227,36 @@ async def test_a_read_connection_that_reconnects_loses_the_copy_until_tracked_ag
     assert await reader.cache.read(user) == ("hot", newest)
 
 
+async def test_a_flush_in_redis_drops_the_copy_and_a_quiet_subscriber_is_pinged(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    tracked = Reader(settings)
+    tracked.local.heartbeat_s = 0.05
+    tracked.local.start()
+    try:
+        await eventually(tracked.live)
+        user = new_user()
+        await redis_roles["hot"].set(keys.timeline("hot", user), entry(user), px=300_000)
+        await tracked.cache.read(user)
+        assert len(tracked.local) == 1
+        flushes, tracking_id = tracked.local.flushes, tracked.local.tracking_id
+        await redis_roles["hot"].execute(b"FLUSHDB")  # Redis says: every key (nil)
+
+        async def flushed() -> bool:
+            return tracked.local.flushes > flushes
+
+        await eventually(flushed)
+        assert len(tracked.local) == 0 and await tracked.cache.read(user) is None
+
+        async def pinged() -> bool:
+            return tracked.local.heartbeats >= 3
+
+        await eventually(pinged)
+        assert tracked.local.live and tracked.local.tracking_id == tracking_id
+    finally:
+        await tracked.close()
+
+
 async def test_the_copy_stays_within_its_byte_budget(
     settings: Settings, redis_roles: dict[str, FastRedis]
 ) -> None:

@@ -46,7 +46,13 @@ log = logging.getLogger(__name__)
 CHANNEL: Final = b"__redis__:invalidate"
 # What a copied entry costs beyond its bytes (the tuple, the dict slot, the key string).
 ENTRY_OVERHEAD: Final = 200
+# The subscriber is PINGed after this long without news, and must answer within as long.
+HEARTBEAT_S: Final = 1.0
 _pack = cast("Callable[[tuple[Any, ...]], bytes]", hiredis.pack_command)
+
+
+def _ignore(names: list[bytes] | None) -> None:
+    pass
 
 
 class _Subscriber(asyncio.Protocol):
@@ -65,6 +71,10 @@ class _Subscriber(asyncio.Protocol):
     def send(self, *commands: tuple[Any, ...]) -> list[asyncio.Future[Any]]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
+        if self.lost.done():
+            for fut in futures:
+                fut.set_exception(RedisUnavailable("tracking connection lost"))
+            return futures
         self._handshake.extend(futures)
         if self._transport is not None:
             self._transport.write(b"".join(_pack(c) for c in commands))
@@ -73,24 +83,28 @@ class _Subscriber(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            if self._handshake:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                self._on_message(reply[2])
+            elif self._handshake:  # AUTH, CLIENT ID, SUBSCRIBE, then PINGs
                 fut = self._handshake.popleft()
                 if not fut.done():
                     fut.set_result(reply)
-            elif isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                self._on_message(reply[2])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        for fut in self._handshake:
+        handshake, self._handshake = self._handshake, deque()
+        for fut in handshake:
             if not fut.done():
                 fut.set_exception(RedisUnavailable(f"tracking connection lost: {exc}"))
         if not self.lost.done():
             self.lost.set_result(None)
 
     def close(self) -> None:
+        """Abort the connection; `lost` is done at once (no invalidation is read after)."""
+        self._on_message = _ignore
         if self._transport is not None:
             self._transport.abort()
+        self.connection_lost(None)
 
 
 class LocalCache:
@@ -106,6 +120,9 @@ class LocalCache:
         self._stale: set[str] = set()
         self._epoch = 0  # moves on every flush: replies in flight across it are dropped
         self.live = False  # tracking is set up on every read connection
+        self._losses = 0  # tracking lost (a connection closed) this many times
+        self.heartbeat_s = HEARTBEAT_S
+        self.heartbeats = 0
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._subscriber: _Subscriber | None = None
@@ -199,6 +216,7 @@ class LocalCache:
                 self.forget(user_id)
 
     def _tracking_lost(self) -> None:
+        self._losses += 1
         if self.live:
             log.info("local cache: tracking lost, copy flushed until it is set up again")
         self.live = False
@@ -232,18 +250,15 @@ class LocalCache:
                 self._subscriber, self.tracking_id = subscriber, client_id
                 while not subscriber.lost.done():
                     self._changed.clear()
-                    epoch = self._epoch
+                    losses = self._losses
                     for reader in self._readers:
                         await reader.execute(
                             b"CLIENT", b"TRACKING", b"on", b"REDIRECT", client_id, b"OPTIN"
                         )
-                    if epoch == self._epoch and not subscriber.lost.done():
+                    if losses == self._losses and not subscriber.lost.done():
                         self.live = True
                         failures = 0
-                    changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
-                    lost: asyncio.Future[Any] = subscriber.lost
-                    await asyncio.wait([changed, lost], return_when="FIRST_COMPLETED")
-                    changed.cancel()
+                    await self._watch(subscriber)
                 self._tracking_lost()
             except (RedisUnavailable, RedisReplyError, OSError) as exc:
                 self._tracking_lost()
@@ -255,6 +270,30 @@ class LocalCache:
                 if self._subscriber is not None:
                     self._subscriber.close()
                     self._subscriber = None
+
+    async def _watch(self, subscriber: _Subscriber) -> None:
+        """Return when tracking must be set up again, or the subscriber is lost. A heartbeat
+        (PING) not answered in time closes the subscriber: a silently dead connection would
+        otherwise leave copies that no invalidation can reach."""
+        changed: asyncio.Future[Any] = asyncio.ensure_future(self._changed.wait())
+        lost: asyncio.Future[Any] = subscriber.lost
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    [changed, lost], timeout=self.heartbeat_s, return_when="FIRST_COMPLETED"
+                )
+                if done:
+                    return
+                try:
+                    (pong,) = subscriber.send((b"PING",))
+                    await asyncio.wait_for(pong, self.heartbeat_s)
+                    self.heartbeats += 1
+                except (RedisUnavailable, TimeoutError):
+                    log.warning("local cache: tracking connection unresponsive, reconnecting")
+                    subscriber.close()
+                    return
+        finally:
+            changed.cancel()
 
     async def _subscribe(self) -> tuple[_Subscriber, int]:
         loop = asyncio.get_running_loop()
