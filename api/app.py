@@ -44,7 +44,7 @@ def setup_runtime(app: web.Application) -> None:
 
     async def runtime_context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
-        async with open_runtime(settings) as runtime:
+        async with open_runtime(settings, local_cache=True) as runtime:
             app[RUNTIME] = runtime
             app[AUTH] = Authenticator(
                 runtime.ca, settings.auth_cache_ttl_ms, settings.auth_cache_size

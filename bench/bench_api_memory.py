@@ -6,7 +6,10 @@ so every one is a CA validation and a read-through), over `--connections` kept-a
 connections. The API's RSS is read from /proc before, after each quarter, and after
 `--idle` seconds of quiet: memory that never comes back down shows as a flat last column.
 
-    .venv/bin/python -m bench.bench_api_memory --requests 20000 --connections 256
+    .venv/bin/python -m bench.bench_api_memory --requests 20000 --connections 256 [--reread]
+
+`--reread` then reads every user once more: hits, which fill the API's local copy of read
+entries (API_LOCAL_CACHE_MB) to its bound.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from bench.common import (
 )
 
 
-async def _drive(base: str, count: int, connections: int) -> dict[int, int]:
-    """`count` reads, each by a new user with its own token; status -> how many."""
+async def _drive(base: str, users: list[str], connections: int) -> dict[int, int]:
+    """A read by each of `users`, each with its own token; status -> how many."""
     statuses: dict[int, int] = {}
     queue: asyncio.Queue[str] = asyncio.Queue()
-    for _ in range(count):
-        queue.put_nowait(str(uuid.uuid4()))
+    for user in users:
+        queue.put_nowait(user)
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -53,6 +56,10 @@ async def _drive(base: str, count: int, connections: int) -> dict[int, int]:
 
         await asyncio.gather(*(worker() for _ in range(connections)))
     return statuses
+
+
+def _new_users(count: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(count)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,13 +77,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         api = services.prefetch("api", env)
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health/live", api)
-        asyncio.run(_drive(base, 100, 8))  # imports, pools and caches warmed up
+        asyncio.run(_drive(base, _new_users(100), 8))  # imports, pools and caches warmed up
         samples = [("warm", memory_kb(api.pid), {})]
         quarter = args.requests // 4
         started = time.perf_counter()
+        seen: list[str] = []
         for step in range(1, 5):
-            statuses = asyncio.run(_drive(base, quarter, args.connections))
+            seen += (users := _new_users(quarter))
+            statuses = asyncio.run(_drive(base, users, args.connections))
             samples.append((f"after {step * quarter}", memory_kb(api.pid), statuses))
+        if args.reread:  # hits: each one copied into the API's local cache (API_LOCAL_CACHE_MB)
+            statuses = asyncio.run(_drive(base, seen, args.connections))
+            samples.append((f"reread {len(seen)}", memory_kb(api.pid), statuses))
         elapsed = time.perf_counter() - started
         time.sleep(args.idle)
         samples.append((f"idle {args.idle:g}s", memory_kb(api.pid), {}))
@@ -99,6 +111,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--connections", type=int, default=256)
     parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument(
+        "--reread", action="store_true", help="then read every user again (cache hits)"
+    )
     args = parser.parse_args()
     found = run(args)
     rows = [

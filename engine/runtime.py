@@ -29,6 +29,7 @@ from engine.store.cache import TimelineCache
 from engine.store.client import RedisClient
 from engine.store.cluster import ClusterRedis
 from engine.store.fastredis import FastRedis
+from engine.store.local_cache import LocalCache
 from engine.upstream import CAClient, ServiceTokens, TimelineClient, make_session
 
 
@@ -93,22 +94,41 @@ def queue_client(redis: dict[str, RedisClient]) -> FastRedis:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, *, http_limit: int = 200) -> AsyncIterator[Runtime]:
-    """Open the process's resources; close them in reverse order on exit."""
+async def open_runtime(
+    settings: Settings, *, http_limit: int = 200, local_cache: bool = False
+) -> AsyncIterator[Runtime]:
+    """Open the process's resources; close them in reverse order on exit. `local_cache`: keep
+    a tracked copy of read entries (the API process; API_LOCAL_CACHE_MB)."""
     with tracing.session(settings):
-        async with _open_runtime(settings, http_limit) as runtime:
+        async with _open_runtime(settings, http_limit, local_cache) as runtime:
             yield runtime
 
 
+def make_local_cache(settings: Settings, redis: dict[str, RedisClient]) -> LocalCache | None:
+    """The API's tracked copy of read entries, or None: off (API_LOCAL_CACHE_MB=0), or the
+    tiers are not on single-node FastRedis connections (a Cluster)."""
+    hot, warm = redis["hot"], redis["warm"]
+    if settings.api_local_cache_mb <= 0 or settings.redis_cluster_mode:
+        return None
+    if not isinstance(hot, FastRedis) or not isinstance(warm, FastRedis):
+        return None
+    return LocalCache(settings.api_local_cache_mb * 1024 * 1024, [hot, warm])
+
+
 @contextlib.asynccontextmanager
-async def _open_runtime(settings: Settings, http_limit: int) -> AsyncIterator[Runtime]:
+async def _open_runtime(
+    settings: Settings, http_limit: int, local_cache: bool
+) -> AsyncIterator[Runtime]:
     redis = redis_clients(settings)
+    local = make_local_cache(settings, redis) if local_cache else None
+    if local is not None:
+        local.start()
     try:
         session = make_session(http_limit)
         try:
             tokens = ServiceTokens(settings, session)
             timeline = TimelineClient(settings, session, tokens)
-            cache = TimelineCache(settings, redis["hot"], redis["warm"])
+            cache = TimelineCache(settings, redis["hot"], redis["warm"], local=local)
             stats = StatsRecorder(redis["background"], settings.metrics_retention_days)
             stats.start()
             try:
@@ -133,5 +153,7 @@ async def _open_runtime(settings: Settings, http_limit: int) -> AsyncIterator[Ru
         finally:
             await session.close()
     finally:
+        if local is not None:
+            await local.close()
         for client in {id(c): c for c in redis.values()}.values():
             await client.close()

@@ -32,6 +32,7 @@ class Settings:
     api_header_timeout_ms: int = 10_000
     api_body_timeout_ms: int = 10_000
     api_max_connections: int = 4_096
+    api_local_cache_mb: int = 8  # the API's tracked copy of read entries (0: off)
     worker_count: int = field(default_factory=available_cpus)
     job_concurrency: int = 100
     batch_size: int = 50
@@ -151,6 +152,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "API_HEADER_TIMEOUT": ("api_header_timeout_ms", parsers.int_in(100, 600_000)),
     "API_BODY_TIMEOUT": ("api_body_timeout_ms", parsers.int_in(100, 600_000)),
     "API_MAX_CONNECTIONS": ("api_max_connections", parsers.int_in(16, 1_000_000)),
+    "API_LOCAL_CACHE_MB": ("api_local_cache_mb", parsers.int_in(0, 4_096)),
     "PREFETCH_WORKER_COUNT": ("worker_count", parsers.int_in(1, 256)),
     "PREFETCH_JOB_CONCURRENCY": ("job_concurrency", parsers.int_in(1, 10_000)),
     "PREFETCH_BATCH_SIZE": ("batch_size", parsers.int_in(1, 1_000)),

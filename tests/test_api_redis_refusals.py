@@ -112,13 +112,14 @@ async def test_a_busy_script_makes_every_route_503_and_the_service_unhealthy(
         thread = threading.Thread(target=spin, daemon=True)
         thread.start()
         try:
-
+            # Reads that need Redis (new users): the API's local copy of entries it has read
+            # (API_LOCAL_CACHE_MB) may still serve `user`, unchanged while the script runs.
             async def busy() -> bool:
-                reply = await api.call("GET", f"/api/cache/{user}")
+                reply = await api.call("GET", f"/api/cache/{new_user()}")
                 return reply.status == 503
 
             await eventually(busy, timeout=20)
-            _refused(await api.call("GET", f"/api/cache/{user}"), "BUSY")
+            _refused(await api.call("GET", f"/api/cache/{new_user()}"), "BUSY")
             _refused(await api.call("POST", f"/api/prefetch/schedule/{user}"), "BUSY")
             health = await api.call("GET", "/health", token=None)
             assert health.status == 503 and health.body["status"] == "unhealthy"

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from isal import igzip, isal_zlib
 
@@ -27,6 +28,9 @@ from engine.settings import Settings
 from engine.store import keys
 from engine.store.client import RedisClient
 from engine.store.fastredis import Script
+
+if TYPE_CHECKING:
+    from engine.store.local_cache import LocalCache
 
 GZIP_MAGIC = b"\x1f\x8b"
 # The stamp: 16 hex digits of entity tag, "-", 13 digits of expiry (epoch ms), then a NUL.
@@ -44,6 +48,8 @@ GZIP_EXPIRES = slice(_GZIP_HEAD + 17, _GZIP_HEAD + STAMP_BYTES)
 # Generations outlive any fetch by far; expiring them keeps idle users from costing memory.
 GENERATION_TTL_MS = 3_600_000
 
+# Before a GET on a read connection in tracking OPTIN mode: Redis tracks that GET's key.
+_CACHING_YES = (b"CLIENT", b"CACHING", b"yes")
 _GUARDED_SET = Script.load(__file__, "guarded_set.lua")
 _INVALIDATE = Script.load(__file__, "invalidate.lua")
 
@@ -161,8 +167,10 @@ class TimelineCache:
         hot: RedisClient,
         warm: RedisClient,
         clock: Callable[[], int] = wall_clock_ms,
+        local: LocalCache | None = None,
     ) -> None:
         self._settings = settings
+        self._local = local  # the API's tracked copy of recent reads (engine.store.local_cache)
         self._conn = {"hot": hot, "warm": warm}
         self._compress = settings.cache_compression == "gzip"
         self._clock = clock  # epoch ms written to the expiry index (a replay injects its own)
@@ -185,6 +193,14 @@ class TimelineCache:
         """(tier, stored bytes) of the freshest entry, hot first; None when neither has one."""
         if tracing.tracer is not None:
             return await self._traced_read(user_id)
+        local = self._local
+        if local is not None:
+            found = local.get(user_id)
+            if found is not None:
+                return found
+            ticket = local.begin(user_id)
+            if ticket is not None:
+                return await self._tracked_read(local, ticket, user_id)
         # The product's hot path: no frame between the view and the GETs (hence the twin).
         stored = await self._conn["hot"].get(keys.timeline("hot", user_id))
         if stored is not None:
@@ -193,6 +209,25 @@ class TimelineCache:
         if stored is not None:
             return "warm", stored
         return None
+
+    async def _tracked_read(
+        self, local: LocalCache, ticket: int, user_id: str
+    ) -> tuple[str, bytes] | None:
+        """`read` from Redis with each GET tracked (CLIENT CACHING yes), the result copied."""
+        found: tuple[str, bytes] | None = None
+        try:
+            for tier in keys.TIERS:
+                _, stored = await self._conn[tier].pipeline(
+                    [_CACHING_YES, (b"GET", keys.timeline(tier, user_id))]
+                )
+                if isinstance(stored, Exception):
+                    raise stored
+                if stored is not None:
+                    found = tier, stored
+                    break
+        finally:
+            local.finish(user_id, ticket, found)
+        return found
 
     async def _traced_read(self, user_id: str) -> tuple[str, bytes] | None:
         with tracing.span("cache.read", attributes={"prefetch.user_id": user_id}) as span:
@@ -245,11 +280,17 @@ class TimelineCache:
         expiry index in the same atomic step.
         """
         ttl = self._settings.ttl_ms(tier) if ttl_ms is None else ttl_ms
-        reply = await self._conn[tier].evalsha_or_eval(
-            _GUARDED_SET,
-            _index_keys(tier, user_id),
-            [body, ttl, ticket.generation, user_id, self._clock() + ttl, ticket.origin or ""],
-        )
+        try:
+            reply = await self._conn[tier].evalsha_or_eval(
+                _GUARDED_SET,
+                _index_keys(tier, user_id),
+                [body, ttl, ticket.generation, user_id, self._clock() + ttl, ticket.origin or ""],
+            )
+        finally:
+            # Redis's invalidation message may trail our next read: drop the copy (and any
+            # read in flight) once the write has landed.
+            if self._local is not None:
+                self._local.forget(user_id)
         if reply[0] != 1:
             return Stored(False)
         replaced = reply[1]
@@ -258,14 +299,18 @@ class TimelineCache:
     async def invalidate(self, user_id: str) -> None:
         """Drop both tiers' entries and index members, bump their generations (in flight
         fetches lose)."""
-        await asyncio.gather(
-            *(
-                self._conn[tier].evalsha_or_eval(
-                    _INVALIDATE, _index_keys(tier, user_id), [GENERATION_TTL_MS, user_id]
+        try:
+            await asyncio.gather(
+                *(
+                    self._conn[tier].evalsha_or_eval(
+                        _INVALIDATE, _index_keys(tier, user_id), [GENERATION_TTL_MS, user_id]
+                    )
+                    for tier in keys.TIERS
                 )
-                for tier in keys.TIERS
             )
-        )
+        finally:
+            if self._local is not None:  # as in `store`
+                self._local.forget(user_id)
 
     async def exists(self, user_id: str) -> bool:
         """Whether either tier holds an entry for the user."""

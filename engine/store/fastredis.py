@@ -25,7 +25,7 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Self, TypeAlias, cast
 
@@ -77,6 +77,8 @@ class Script:
 @dataclass(slots=True)
 class _Stats:
     writes: int = 0
+    # Called once whenever a connection closes, for whatever reason (see on_disconnect).
+    listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _still_down(cause: BaseException | None) -> RedisUnavailable:
@@ -194,6 +196,8 @@ class _Connection(asyncio.Protocol):
             return
         self.closed = True
         self._out.clear()
+        for listener in self._stats.listeners:
+            listener()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -257,6 +261,11 @@ class FastRedis:
     def is_connected(self) -> bool:
         """Whether a connection is open right now (the next command may still reconnect)."""
         return self._conn is not None and not self._conn.closed
+
+    def on_disconnect(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (synchronously) whenever a connection of this client closes: the
+        state Redis kept for it (CLIENT TRACKING, ...) is gone; the next one starts bare."""
+        self._stats.listeners.append(listener)
 
     @property
     def writes(self) -> int:

@@ -66,6 +66,14 @@ def timeline(tier: str, user_id: str) -> str:
     return f"{PREFIX}:{tier}:timeline:{_user(user_id)}"
 
 
+def timeline_owner(key: bytes) -> str | None:
+    """The user whose `timeline` key (in any tier) `key` is, else None."""
+    parts = key.decode("utf-8", "replace").split(":", 4)
+    if len(parts) != 5 or parts[0] != PREFIX or parts[2] != "timeline":
+        return None
+    return parts[4]
+
+
 def generation(tier: str, user_id: str) -> str:
     """Bumped by every invalidation; a write whose fetch started under an older value is dropped."""
     return f"{PREFIX}:{tier}:gen:{_user(user_id)}"
