@@ -574,7 +574,8 @@ def target_lines(variants: list[Variant]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (`python -m bench` builds its arguments with it too)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per variant")
     parser.add_argument("--warmup", type=int, default=2, help="seconds before each variant")
@@ -605,7 +606,11 @@ def main() -> None:
         default=None,
         help="a directory: py-spy's collapsed stacks of the API for each measured API variant",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if shutil.which(args.wrk) is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 

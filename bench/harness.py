@@ -71,20 +71,16 @@ def run_reads(sizes: dict[str, Any], url: str) -> dict[str, Any]:
     if wrk is None:
         print("  ! reads skipped: wrk is not installed (apt-get install wrk)")
         return {"skipped": "wrk is not installed"}
-    args = argparse.Namespace(
-        duration=sizes["duration"],
-        warmup=sizes["warmup"],
-        connections=64,
-        threads=2,
-        users=sizes["users"],
-        api_workers=1,
-        compression="both",
-        redis_url=url,
-        redis_requests=sizes["redis_requests"],
-        skip_redis_benchmark=False,
-        wrk=wrk,
-        verbose=False,
+    args = bench_reads.parser().parse_args(
+        [
+            f"--duration={sizes['duration']}",
+            f"--warmup={sizes['warmup']}",
+            f"--users={sizes['users']}",
+            f"--redis-requests={sizes['redis_requests']}",
+            f"--wrk={wrk}",
+        ]
     )
+    args.redis_url = url
     found = bench_reads.run(args)
     bench_reads.report(args, found)
     return {
