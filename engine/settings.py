@@ -32,7 +32,7 @@ class Settings:
     api_header_timeout_ms: int = 10_000
     api_body_timeout_ms: int = 10_000
     api_max_connections: int = 4_096
-    api_local_cache_mb: int = 8  # the API's tracked copy of read entries (0: off)
+    api_local_cache_mb: int = 0  # the API's tracked copy of read entries (0: off; tuning.md)
     worker_count: int = field(default_factory=available_cpus)
     job_concurrency: int = 100
     batch_size: int = 50

@@ -282,7 +282,7 @@ async def test_the_api_serves_hits_locally_and_a_delete_is_seen_at_once(
     user = new_user()
     stored = entry(user)
     await redis_roles["hot"].set(keys.timeline("hot", user), stored, px=300_000)
-    async with serve_api(settings) as api:
+    async with serve_api(settings.with_overrides(api_local_cache_mb=8)) as api:
         local = api.app[RUNTIME].cache._local
         assert isinstance(local, LocalCache)
 
@@ -312,5 +312,5 @@ def test_the_setting_is_validated_and_off_at_zero_or_on_a_cluster(settings: Sett
     assert make_local_cache(settings.with_overrides(api_local_cache_mb=0), dict(clients)) is None
     cluster = settings.with_overrides(redis_cluster_mode=True)
     assert make_local_cache(cluster, dict(clients)) is None
-    local = make_local_cache(settings, dict(clients))
-    assert local is not None and local.max_bytes == settings.api_local_cache_mb << 20
+    local = make_local_cache(settings.with_overrides(api_local_cache_mb=8), dict(clients))
+    assert local is not None and local.max_bytes == 8 << 20
