@@ -5,7 +5,7 @@ the response's exact shape, by whoever prefetched it. Nothing here parses or enc
 a hit; a gzip entry goes out compressed to clients that accept gzip.
 
 Conditional reads: every entry carries the entity tag and expiry it was stamped with when
-encoded (engine.store.cache.Stamp), so the answer has a strong ETag and `Cache-Control:
+encoded (engine.store.entry.Stamp), so the answer has a strong ETag and `Cache-Control:
 private, max-age=<seconds left>` at the cost of two slices, and `If-None-Match` with the
 current tag gets 304 without a body. Each representation has its own tag (RFC 9110 8.8.3):
 `"<tag>"` for the plain JSON, `"<tag>-gzip"` for the gzip coding, `"<tag>-rt"` for the
@@ -26,7 +26,7 @@ from api.appkeys import ACTIVITY, AUTH, READ_RESULT, RUNTIME
 from api.responses import JSON, success
 from engine.errors import NotFound
 from engine.prefetcher import ReadThrough
-from engine.store.cache import GZIP_EXPIRES, GZIP_MAGIC, GZIP_TAG, Stamp, decompress, unstamp
+from engine.store.entry import GZIP_EXPIRES, GZIP_MAGIC, GZIP_TAG, Stamp, decompress, unstamp
 
 _GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 _VARY = {"Vary": "Accept-Encoding"}

@@ -10,7 +10,7 @@ users (the sandbox's 100-post timelines, about 53 KB of JSON):
           not decoded);
 - decode: `wire.timeline_page_decoder.decode` into typed posts;
 - encode: `wire.cached_body` (the ready response body);
-- gzip:   `engine.store.cache.compress` (ISA-L);
+- gzip:   `engine.store.entry.compress` (ISA-L);
 - Redis:  SET with PX through FastRedis (the client's CPU; Redis's own is not a worker's).
 
 Each step's CPU time (this process, `time.process_time`) is divided by the users: the CPU
@@ -45,7 +45,7 @@ from bench.common import (
 from engine import wire
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import compress
+from engine.store.entry import compress
 from engine.store.fastredis import FastRedis
 
 STEPS = ("fetch", "decode", "encode", "gzip", "redis")

@@ -68,7 +68,7 @@ from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import compress, decompress
+from engine.store.entry import compress, decompress
 from engine.store.fastredis import FastRedis
 
 WARMUP_JOBS = 200

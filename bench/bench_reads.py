@@ -64,7 +64,7 @@ from bench.common import (
     wait_http,
 )
 from engine.store import keys
-from engine.store.cache import compress, new_tag, stamp
+from engine.store.entry import compress, new_tag, stamp
 from engine.wire import cached_body
 from sandbox import generate_posts
 

@@ -157,7 +157,7 @@ def measure(redis_url: str | None, users: int = 200) -> dict[str, float]:
 
     from bench.common import redis_info, redis_target
     from engine.store import keys
-    from engine.store.cache import compress
+    from engine.store.entry import compress
     from engine.wire import cached_body
     from sandbox import generate_posts
 

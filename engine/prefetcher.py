@@ -18,7 +18,8 @@ from engine import tracing, wire
 from engine.errors import RedisUnavailable
 from engine.metrics import prometheus
 from engine.metrics.daily import StatsRecorder
-from engine.store.cache import TimelineCache, decompress, unstamp
+from engine.store.cache import TimelineCache
+from engine.store.entry import decompress, unstamp
 from engine.throttle import LogThrottle
 from engine.upstream import TimelineClient
 

@@ -12,7 +12,8 @@ import pytest
 from engine import wire
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import TimelineCache, compress, decompress, new_tag, stamp, unstamp
+from engine.store.cache import TimelineCache
+from engine.store.entry import compress, decompress, new_tag, stamp, unstamp
 from engine.store.fastredis import FastRedis
 from sandbox.timeline import generate_posts
 from tests.conftest import new_user

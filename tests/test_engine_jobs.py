@@ -20,7 +20,7 @@ from engine import wire
 from engine.broker.jobs import FAILED_KEEP, Fence, new_job_id
 from engine.errors import Conflict, NotFound
 from engine.store import keys
-from engine.store.cache import decompress
+from engine.store.entry import decompress
 from sandbox.timeline import MALFORMED_PREFIX, NOT_FOUND_PREFIX, UNAVAILABLE_PREFIX
 from tests.engine_support import Engine, holds_for, user, wait_for
 

@@ -14,7 +14,8 @@ from engine.errors import ConfigError
 from engine.runtime import make_local_cache
 from engine.settings import Settings, load_settings
 from engine.store import keys
-from engine.store.cache import TimelineCache, compress, new_tag, stamp
+from engine.store.cache import TimelineCache
+from engine.store.entry import compress, new_tag, stamp
 from engine.store.fastredis import FastRedis
 from engine.store.local_cache import LocalCache
 from sandbox.timeline import generate_posts

@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import decompress
+from engine.store.entry import decompress
 from engine.strategies.leader import leader_status
 from tests.conftest import ApiClient, serve_api
 from tests.engine_support import (

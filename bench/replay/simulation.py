@@ -58,7 +58,8 @@ from engine.prefetcher import Prefetcher
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.store import keys
-from engine.store.cache import TimelineCache, unstamp, wall_clock_ms
+from engine.store.cache import TimelineCache, wall_clock_ms
+from engine.store.entry import unstamp
 from engine.store.fastredis import FastRedis
 from engine.strategies.activity import Recorded, record_activity
 from engine.strategies.events import refresh_at_open, refresh_or_invalidate

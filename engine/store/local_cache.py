@@ -37,8 +37,8 @@ import hiredis
 
 from engine.errors import RedisReplyError, RedisUnavailable
 from engine.store import keys
-from engine.store.cache import unstamp
 from engine.store.endpoint import RedisAddress
+from engine.store.entry import unstamp
 from engine.store.fastredis import RECONNECT_FIRST_S, RECONNECT_MAX_S, FastRedis
 
 log = logging.getLogger(__name__)
