@@ -259,17 +259,18 @@ class MixSimulation:
         if not due:
             return
         self.flushes = self.flushes[len(due) :]
-        recorded = await asyncio.gather(
+        replies = await asyncio.gather(
             *(
                 record_activity(self.redis["metrics"], self.settings, group.users, group.at)
                 for group in due
             ),
             *(count_reads(self.redis, group.served, self.stats) for group in due),
         )
+        recorded = cast(list[Recorded], replies[: len(due)])
         if self.settings.enable_event_triggered:
-            for group, done in zip(due, recorded, strict=False):
+            for group, done in zip(due, recorded, strict=True):
                 served = group.served["hot"] | group.served["warm"]
-                if await refresh_at_open(self.jobs, cast(Recorded, done).changed, served):
+                if await refresh_at_open(self.jobs, done.changed, served):
                     self.drain_at = min(self.drain_at, group.at + self.job_latency_ms)
 
     async def _reads(self, batch: list[tuple[Read, int]]) -> None:

@@ -80,6 +80,20 @@ class ActivityStrategy:
         return split_by_rank(selected, self._settings.activity_high_percent)
 
 
+def profile_args(s: Settings) -> list[float | int]:
+    """The predictive profile's settings as profile.lua's `read_params` takes them, in its
+    order (the recording here and the tick's predict_due.lua both pass them)."""
+    return [
+        s.predictive_lead_ms,
+        s.predictive_hold_ms,
+        s.predictive_coverage,
+        s.predictive_half_life_ms,
+        s.predictive_threshold,
+        s.predictive_hour_ms,
+        s.predictive_day_offset_ms,
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Recorded:
     """What one recording saw: how many app opens, and which of the opening users had a
@@ -100,13 +114,7 @@ async def record_activity(
         now_ms,
         settings.activity_window_ms,
         1 if settings.enable_predictive else 0,
-        settings.predictive_half_life_ms,
-        settings.predictive_threshold,
-        settings.predictive_lead_ms,
-        settings.predictive_hold_ms,
-        settings.predictive_coverage,
-        settings.predictive_hour_ms,
-        settings.predictive_day_offset_ms,
+        *profile_args(settings),
     ]
     calls = [
         (

@@ -93,7 +93,7 @@ async def refresh_or_invalidate(
     drop = [user for user, v in zip(users, verdicts, strict=True) if v == DROP]
     defer = [user for user, v in zip(users, verdicts, strict=True) if v == DEFER]
     await asyncio.gather(
-        *(jobs.schedule(user, "high", origin="event", force=True) for user in refresh),
+        _refresh(jobs, refresh),
         *(cache.invalidate(user) for user in drop),
         mark_changed(metrics, defer, now_ms),
     )
@@ -116,8 +116,15 @@ async def refresh_at_open(jobs: JobQueue, changed: Iterable[str], served: set[st
     """Schedule the deferred refreshes of users who just opened the app and were served from
     cache (a miss fetched a fresh timeline already); returns how many."""
     due = [user for user in changed if user in served]
-    await asyncio.gather(*(jobs.schedule(user, "high", origin="event", force=True) for user in due))
+    await _refresh(jobs, due)
     return len(due)
+
+
+async def _refresh(jobs: JobQueue, users: list[str]) -> None:
+    """The event refresh: forced (an existing entry is replaced), high, origin `event`."""
+    await asyncio.gather(
+        *(jobs.schedule(user, "high", origin="event", force=True) for user in users)
+    )
 
 
 async def trim_changed(metrics: RedisClient, settings: Settings, now_ms: int) -> None:

@@ -1,6 +1,5 @@
 -- KEYS: predictive index, profile hash, activity index (one shard).
--- ARGV: now (epoch ms), horizon (epoch ms), lead ms, hold ms, coverage, half-life ms,
---       threshold, hour ms, day offset ms.
+-- ARGV: now (epoch ms), horizon (epoch ms), the profile's PARAMS (profile.lua read_params).
 -- For each user whose index time is at or before the horizon, finds the first habit window
 -- (profile.lua) that has not ended and that the user has not already opened the app in:
 -- one that has begun by the horizon makes the user wanted now (replied with the predicted
@@ -8,9 +7,7 @@
 -- start; without one, the faded profile is forgotten.
 local now = tonumber(ARGV[1])
 local horizon = tonumber(ARGV[2])
-local p = params(tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
-                 tonumber(ARGV[7]))
-set_hour(tonumber(ARGV[8]), tonumber(ARGV[9]))
+local p = read_params(3)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon)
 local wanted = {}
 for _, user in ipairs(due) do

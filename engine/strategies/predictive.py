@@ -29,7 +29,7 @@ from __future__ import annotations
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.client import RedisClient
-from engine.strategies.activity import Candidate
+from engine.strategies.activity import Candidate, profile_args
 from engine.strategies.shards import eval_many, load_with
 
 _DUE = load_with(__file__, "profile.lua", "predict_due.lua")
@@ -46,18 +46,7 @@ class PredictiveStrategy:
 
     async def select(self, now_ms: int, horizon_ms: int) -> list[Candidate]:
         """Users predicted to open the app soon; the earliest predicted open ranks first."""
-        s = self._settings
-        args = [
-            now_ms,
-            horizon_ms,
-            s.predictive_lead_ms,
-            s.predictive_hold_ms,
-            s.predictive_coverage,
-            s.predictive_half_life_ms,
-            s.predictive_threshold,
-            s.predictive_hour_ms,
-            s.predictive_day_offset_ms,
-        ]
+        args = [now_ms, horizon_ms, *profile_args(self._settings)]
         replies = await eval_many(
             self._metrics,
             _DUE,

@@ -7,7 +7,7 @@
 -- open; mean: the weighted mean minute of the day of its opens; var: their weighted variance
 -- in minutes², which starts at PRIOR_VAR and learns the habit's own jitter.
 -- An hour is PREDICTIVE_HOUR ms (a replay that compresses time shortens it), a minute a
--- sixtieth of it, a day 24 hours: each script calls set_hour first.
+-- sixtieth of it, a day 24 hours: each script calls read_params (below) first.
 local HOUR = 3600000
 local MINUTE = HOUR / 60
 local DAY = 24 * HOUR
@@ -134,7 +134,13 @@ local function pending_window(list, now, last, p)
   return s, open, e
 end
 
-local function params(lead, hold, coverage, half_life, threshold)
-  return {lead = lead, hold = hold, coverage = coverage, half_life = half_life,
-          threshold = threshold}
+-- The profile's settings, PARAMS arguments from ARGV[first] in the order of
+-- engine/strategies/activity.py `profile_args`: lead ms, hold ms, coverage, half-life ms,
+-- threshold, hour ms, day offset ms. Sets the hour and offset; returns the rest.
+local PARAMS = 7
+local function read_params(first)
+  local a = {}
+  for i = 1, PARAMS do a[i] = tonumber(ARGV[first + i - 1]) end
+  set_hour(a[6], a[7])
+  return {lead = a[1], hold = a[2], coverage = a[3], half_life = a[4], threshold = a[5]}
 end

@@ -1,7 +1,7 @@
 -- KEYS: activity index, frequency hash, profile hash, predictive index, changed index
 --       (one shard).
--- ARGV: now (epoch ms), activity window ms, predictive (1/0), half-life ms, threshold,
---       lead ms, hold ms, coverage, hour ms, day offset ms, then the users seen active in this flush.
+-- ARGV: now (epoch ms), activity window ms, predictive (1/0), the profile's PARAMS
+--       (profile.lua read_params), then the users seen active in this flush.
 -- A user idle for a whole window (or never seen) is opening the app: a new session begins,
 -- its frequency restarts at 1 and, with predictive on, its profile learns the open and the
 -- predictive index gets the start of its next window not used by this open; a mark left by
@@ -9,12 +9,10 @@
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local predictive = ARGV[3] == '1'
-local p = params(tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[4]),
-                 tonumber(ARGV[5]))
-set_hour(tonumber(ARGV[9]), tonumber(ARGV[10]))
+local p = read_params(4)
 local opens = 0
 local changed = {}
-for i = 11, #ARGV do
+for i = 4 + PARAMS, #ARGV do
   local user = ARGV[i]
   local prev = redis.call('ZSCORE', KEYS[1], user)
   redis.call('ZADD', KEYS[1], 'GT', now, user)
