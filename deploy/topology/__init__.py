@@ -7,5 +7,5 @@ starts the real `prefetch` roles in them (pods.py), drives reads, schedules and 
 through the API pods the way a Kubernetes Service routes (driver.py), runs the scenarios
 (scenarios.py: a rolling restart, the leader's pod killed, a worker pod and an API pod cut
 off from Redis), audits what Redis holds (audit.py) and reports (report.py). Needs root and
-iproute2 and iptables; fails, never skips, without them.
+iproute2 alone; fails, never skips, without them.
 """

@@ -10,9 +10,13 @@ A run is recorded in STATE_DIR before its first namespace exists, with the pid o
 process that owns it: `teardown` finds every namespace and process of a run from there, and
 `stale_runs` finds the runs whose owner died (SIGKILL) so that the next run removes them.
 
-Cutting a host off from another is two iptables DROP rules in the host's namespace (in and
-out): packets vanish as in a real partition (no reset, no unreachable), while the host's
-link to everyone else stays up, so its probes can still be asked.
+Cutting a host off from another takes iproute2 alone, in the host's namespace (iptables and
+tc's drop action are not on every machine this runs on): in, a policy rule `from <peer>
+blackhole` (with forwarding off, as in every new namespace, the kernel drops such a packet
+without an ICMP answer); out, a permanent neighbour entry giving the peer's address a MAC
+that no host has, so the bridge floods the frames and nobody takes them. Packets vanish as in
+a real partition (no reset, no unreachable), while the host's link to everyone else stays
+up, so its probes can still be asked.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ SUBNET = "10.77.0"
 STATE_DIR = Path("/run/prefetch-topology")
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+# A cut: the policy rule's priority (before the main table's 32766) and a locally
+# administered MAC that no veth of a run has (theirs are random, never this one).
+CUT_PRIORITY = "100"
+NOWHERE_MAC = "02:00:00:00:00:01"
 # Processes left in a namespace get SIGTERM, then SIGKILL after this long.
 TERM_GRACE_S = 5.0
 
@@ -115,18 +123,18 @@ class Network:
 
     def cut(self, host: str, peer: str) -> None:
         """Drop every packet between `host` and `peer`, in `host`'s namespace."""
-        self._iptables(host, peer, "-I")
+        netns, address = self.hosts[host].netns, self.hosts[peer].address
+        ip("-n", netns, "rule", "add", "from", address, "blackhole", "priority", CUT_PRIORITY)
+        ip(
+            "-n", netns, "neigh", "replace", address, "lladdr", NOWHERE_MAC,
+            "dev", "eth0", "nud", "permanent",
+        )  # fmt: skip
 
     def restore(self, host: str, peer: str) -> None:
-        """Undo `cut`."""
-        self._iptables(host, peer, "-D")
-
-    def _iptables(self, host: str, peer: str, verb: str) -> None:
+        """Undo `cut` (the peer's address is resolved afresh by ARP)."""
         netns, address = self.hosts[host].netns, self.hosts[peer].address
-        _run(["ip", "netns", "exec", netns, "iptables", verb, "INPUT", "-s", address, "-j", "DROP"])
-        _run(
-            ["ip", "netns", "exec", netns, "iptables", verb, "OUTPUT", "-d", address, "-j", "DROP"]
-        )
+        ip("-n", netns, "rule", "del", "from", address, "blackhole", "priority", CUT_PRIORITY)
+        ip("-n", netns, "neigh", "del", address, "dev", "eth0")
 
     # --- processes --------------------------------------------------------------------------
 
