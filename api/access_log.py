@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from api import http_metrics
-from api.appkeys import READ_RESULT, REQUEST_STARTED
+from api.appkeys import READ_RESULT, REQUEST_STARTED, ROUTE
 from engine import logs
 
 ACCESS_LOGGER: Final = logging.getLogger("access")
@@ -40,6 +40,9 @@ METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 
 def route_of(request: web.BaseRequest) -> str:
     """The template of the route that served `request`; `unmatched`, or `-` before routing."""
+    route: str | None = request.get(ROUTE)  # set by api.front_door, before the router
+    if route is not None:
+        return route
     try:
         match_info = request.match_info  # type: ignore[attr-defined]
     except (AttributeError, AssertionError):  # a BaseRequest has none; an unrouted one asserts

@@ -34,3 +34,6 @@ REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_STARTED = web.RequestKey("request_started", float)
 # GET /api/cache/{userId}: "hit" or "miss", for the request duration metric's `cache` label.
 READ_RESULT = web.RequestKey("read_result", str)
+# The route's template for a request api.front_door answered before the router (which
+# leaves no match_info to read it from).
+ROUTE = web.RequestKey("route", str)

@@ -29,7 +29,9 @@ import asyncio
 import logging
 import resource
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -37,6 +39,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from api.access_log import ACCESS_LOGGER, access_logger_class
+from api.front_door import AppHandler, FrontDoor
 from api.responses import error_response, json_body_bytes
 from engine.settings import Settings
 from engine.throttle import LogThrottle
@@ -277,15 +280,23 @@ class EnvelopeServer(web.Server):
 class EnvelopeRunner(web.AppRunner):
     """An AppRunner whose server is an EnvelopeServer."""
 
-    def __init__(self, app: web.Application, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        limits: ServerLimits,
+        front: Callable[[AppHandler], AppHandler] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self.limits = limits
+        self._front = front
 
     async def _make_server(self) -> web.Server:
         # The app's startup runs here; its Server tells us the handler and kwargs it chose.
         base = await super()._make_server()
+        handler = base.request_handler
         return EnvelopeServer(
-            base.request_handler,
+            handler if self._front is None else self._front(handler),
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
@@ -314,8 +325,11 @@ def connection_cap(wanted: int) -> int:
     return max(MIN_CONNECTIONS, min(wanted, soft - FD_RESERVE))
 
 
-def make_runner(app: web.Application, settings: Settings) -> EnvelopeRunner:
-    """The runner every API process (and the tests) serves `app` with."""
+def make_runner(
+    app: web.Application, settings: Settings, *, front_door: bool = True
+) -> EnvelopeRunner:
+    """The runner every API process (and the tests) serves `app` with; `front_door=False`
+    routes every request through the app (tests compare the two)."""
     limits = ServerLimits(
         header_timeout_s=settings.api_header_timeout_ms / 1000,
         max_connections=connection_cap(settings.api_max_connections),
@@ -323,6 +337,8 @@ def make_runner(app: web.Application, settings: Settings) -> EnvelopeRunner:
     return EnvelopeRunner(
         app,
         limits,
+        # GET /api/cache/{userId} before the router and middleware chain (api/front_door.py).
+        front=partial(FrontDoor, app) if front_door else None,
         # aiohttp's public hook, called once a response is written (api/access_log.py): the
         # HTTP metrics always, and the access log line as ACCESS_LOG says.
         access_log_class=access_logger_class(settings.access_log_sample),

@@ -74,7 +74,7 @@ def cache_control(expires_at: int) -> str:
     return f"private, max-age={max(0, (expires_at - int(time.time() * 1000)) // 1000)}"
 
 
-def _timeline_response(request: web.Request, stored: bytes) -> web.Response:
+def _timeline_response(request: web.BaseRequest, stored: bytes) -> web.Response:
     """The stored entry as the response: gzip as is when accepted, else plain JSON; 304
     when the client's If-None-Match names the entry's tag."""
     request_headers = request.headers
@@ -142,9 +142,18 @@ def _read_through_response(fetched: ReadThrough) -> web.Response:
 
 
 async def get_timeline(request: web.Request) -> web.Response:
-    """GET /api/cache/{userId}: hot, then warm, then one shared upstream fetch (read-through)."""
-    user = validation.user_id(request.match_info["userId"])
-    app = request.app
+    """GET /api/cache/{userId}, through the router (api.front_door takes it first)."""
+    return await read_timeline(request, request.app, request.match_info["userId"])
+
+
+async def read_timeline(
+    request: web.BaseRequest, app: web.Application, raw_user: str
+) -> web.Response:
+    """The timeline read: hot, then warm, then one shared upstream fetch (read-through).
+
+    `app` comes in explicitly: api.front_door calls this for requests that skipped the router.
+    """
+    user = validation.user_id(raw_user)
     await app[AUTH].authorize(request.headers.get("Authorization"), "read", user)
     runtime = app[RUNTIME]
     found = await runtime.cache.read(user)
@@ -187,9 +196,10 @@ async def invalidate(request: web.Request) -> web.Response:
     return success({"userId": user}, message="Cache invalidated")
 
 
+TIMELINE_ROUTE = "/api/cache/{userId}"
 # The status route comes first: it is the more specific of the two GET paths.
 ROUTES = [
     web.get("/api/cache/status/{userId}", get_status),
-    web.get("/api/cache/{userId}", get_timeline),
+    web.get(TIMELINE_ROUTE, get_timeline),
     web.delete("/api/cache/{userId}/timeline", invalidate),
 ]

@@ -214,6 +214,8 @@ class ApiClient:
         self.session = session
         self.url = url
         self.settings = settings
+        # The running server's request handler (api.front_door.FrontDoor), once serving.
+        self.server_handler: Any = None
         self._app = app
 
     @property
@@ -260,17 +262,22 @@ class ApiClient:
 
 
 @contextlib.asynccontextmanager
-async def serve_api(settings: Settings, **session_options: Any) -> AsyncIterator[ApiClient]:
+async def serve_api(
+    settings: Settings, *, front_door: bool = True, **session_options: Any
+) -> AsyncIterator[ApiClient]:
     """create_app(settings) on a free loopback port, as the CLI runs it, and a client."""
     app = create_app(settings)
-    runner = make_runner(app, settings)
+    runner = make_runner(app, settings, front_door=front_door)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         async with aiohttp.ClientSession(base_url=url, **session_options) as session:
-            yield ApiClient(session, url, settings, app)
+            client = ApiClient(session, url, settings, app)
+            assert runner.server is not None
+            client.server_handler = runner.server.request_handler
+            yield client
     finally:
         await runner.cleanup()
 
