@@ -11,19 +11,19 @@ plain dicts (a fraction of a microsecond), and `flush` adds the tallies to the P
 values once a second (the app's metrics task) and before each scrape of this process:
 another process's last second may be missing from a scrape, never lost.
 
-The histogram's buckets are filled through prometheus_client's child internals
-(`_upper_bounds`, `_buckets`, `_sum`): the one place that does so. The library has no bulk
-observation; tests/test_observe_metrics.py checks that the exposition counts what was
-observed, so an upgrade that changes them fails there.
+The histogram's buckets are filled through prometheus_client's child internals, by
+engine.metrics.tally.add_observations (the one place that touches them; see there). `flush`
+also flushes that module's per-job tallies (prefetch operations this process ran: immediate
+prefetches, read-throughs), so the API's metrics task and its scrapes publish both.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Any, Final
+from typing import Final
 
-from engine.metrics import prometheus
+from engine.metrics import prometheus, tally
 
 FLUSH_INTERVAL_S: Final = 1.0
 
@@ -77,7 +77,8 @@ def flush() -> None:
         durations = list(_durations.items())
         _durations.clear()
         for (route, cache), (buckets, total) in durations:
-            _add_observations(prometheus.HTTP_DURATION.labels(route, cache), buckets, total[0])
+            child = prometheus.HTTP_DURATION.labels(route, cache)
+            tally.add_observations(child, _BOUNDS, buckets, total[0])
     hits, misses = _auth
     _auth[0] = _auth[1] = 0
     if hits:
@@ -92,13 +93,4 @@ def flush() -> None:
         prometheus.WARM_HIT.inc(warm)
     if missed:
         prometheus.CACHE_MISSES.inc(missed)
-
-
-def _add_observations(child: Any, buckets: list[int], total: float) -> None:
-    """Add per-bucket observation counts to a histogram child (its internals: see above)."""
-    if tuple(child._upper_bounds[:-1]) != _BOUNDS:
-        raise RuntimeError("the histogram's buckets are not HTTP_BUCKETS")
-    for value, count in zip(child._buckets, buckets, strict=True):
-        if count:
-            value.inc(count)
-    child._sum.inc(total)
+    tally.flush()

@@ -16,7 +16,7 @@ import msgspec
 
 from engine import tracing, wire
 from engine.errors import RedisUnavailable
-from engine.metrics import prometheus
+from engine.metrics import prometheus, tally
 from engine.metrics.daily import StatsRecorder
 from engine.store.cache import TimelineCache
 from engine.store.entry import decompress, unstamp
@@ -189,9 +189,10 @@ class Prefetcher:
     def count(self, ok: bool, elapsed: float, origin: str) -> None:
         """Count one prefetch operation that finished after `elapsed` seconds."""
         self.stats.prefetch(ok, elapsed * 1000, origin)
-        prometheus.OPERATIONS.labels(origin=origin, status="completed" if ok else "failed").inc()
-        prometheus.QUEUE_DURATION.observe(elapsed)
-        (prometheus.JOB_COMPLETED if ok else prometheus.JOB_FAILED).inc()
+        # Tallied, published once a second (engine/metrics/tally.py).
+        tally.inc(prometheus.operations(origin, ok))
+        tally.observe(prometheus.QUEUE_DURATION, elapsed)
+        tally.inc(prometheus.JOB_COMPLETED if ok else prometheus.JOB_FAILED)
 
     async def _hot_count(self, user_id: str) -> int:
         found = await self.cache.read(user_id)

@@ -26,7 +26,7 @@ from engine.errors import (
     UpstreamRetryable,
     UpstreamTimeout,
 )
-from engine.metrics import prometheus
+from engine.metrics import prometheus, tally
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class TimelineClient:
                 prometheus.TOKEN_REFRESH.inc()
                 status, body = await self._get(url, await self._tokens.get())
         finally:
-            prometheus.FETCH_DURATION.observe(time.perf_counter() - started)
+            tally.observe(prometheus.FETCH_DURATION, time.perf_counter() - started)
         if status == 200:
             try:
                 return wire.timeline_page_decoder.decode(body).posts

@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.metrics import metrics_dir, scrape
@@ -127,6 +129,36 @@ def test_tallied_observations_land_in_the_right_buckets() -> None:
     assert found[("prefetch_http_requests_total", frozenset(requests))] == 4
     auth = found[("prefetch_auth_cache_total", frozenset({("result", "hit")}))]
     assert auth == hits_before + 1
+
+
+def test_tallied_job_metrics_land_as_observed() -> None:
+    # A job's metrics wait in engine/metrics/tally.py until a flush: nothing shows before it,
+    # everything after, in the buckets a direct observation would have used.
+    from prometheus_client import REGISTRY, generate_latest
+
+    from engine.metrics import prometheus, tally
+
+    def read() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return samples(generate_latest(REGISTRY).decode())
+
+    done = ("prefetch_operations_total", frozenset({("origin", "test"), ("status", "completed")}))
+    fetch_le = ("prefetch_timeline_fetch_duration_seconds_bucket", frozenset({("le", "0.01")}))
+    before = read()
+    for seconds in (0.004, 0.01, 0.2):
+        tally.observe(prometheus.FETCH_DURATION, seconds)
+    tally.inc(prometheus.operations("test", True))
+    tally.inc(prometheus.operations("test", True))
+    assert read().get(done, 0.0) == before.get(done, 0.0)  # tallied, not published yet
+    tally.flush()
+    after = read()
+    assert after[done] == before.get(done, 0.0) + 2
+    assert after[fetch_le] == before[fetch_le] + 2  # 0.004 and 0.01 (le: on the bound)
+    count = "prefetch_timeline_fetch_duration_seconds_count", frozenset()
+    assert after[count] == before[count] + 3
+    total = "prefetch_timeline_fetch_duration_seconds_sum", frozenset()
+    assert after[total] == pytest.approx(before[total] + 0.214)
+    tally.flush()  # nothing left: nothing added twice
+    assert read()[done] == after[done]
 
 
 async def test_unrouted_paths_share_one_label(api: ApiClient) -> None:
@@ -360,6 +392,14 @@ async def test_the_supervisor_marks_a_dead_worker_and_keeps_its_counters(
         counter = directory / f"counter_{worker_pid}.db"
         await wait_for(gauge.exists, 10, "the worker's jobs-in-flight gauge file")
         await wait_for(counter.exists, 10, "the worker's counter file")
+
+        def completed() -> float:  # the job, published by the worker's tally within ~1 s
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(directory))
+            found = samples(generate_latest(registry).decode())
+            return found.get(("prefetch_queue_jobs_total", frozenset({("status", "completed")})), 0)
+
+        await wait_for(lambda: completed() == 1, 10, "the worker's completed job counted")
         os.kill(worker_pid, signal.SIGKILL)
         await wait_for(lambda: not gauge.exists(), 10, "the dead worker's live gauge removed")
         assert counter.exists()  # its counted jobs stay in the pod's sums

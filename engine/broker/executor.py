@@ -40,7 +40,6 @@ from engine.broker import dramatiq_layout as layout
 from engine.broker.dramatiq_worker import LoopWorker, discard_outstanding
 from engine.broker.ledger import Ledger, deferred
 from engine.errors import BrokerUnavailable, RedisReplyError, RedisUnavailable
-from engine.metrics import prometheus
 from engine.store.fastredis import Arg, FastRedis
 
 log = logging.getLogger(__name__)
@@ -194,7 +193,6 @@ class Executor:
                     return
             self._idle = False
             self._free -= 1
-            prometheus.JOBS_IN_FLIGHT.inc()
             redis_id = item.message.options.get("redis_message_id")
             if redis_id is not None:  # Redis broker: the reclaimer compares its ack sets
                 self._held.add(redis_id)
@@ -206,7 +204,6 @@ class Executor:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._free += 1
-        prometheus.JOBS_IN_FLIGHT.dec()
         self._worker.work_queue.task_done()
         if not task.cancelled() and task.exception() is not None:
             log.error("job runner crashed", exc_info=task.exception())

@@ -30,6 +30,7 @@ from engine.broker.jobs import FAILED_KEEP, QUEUES
 from engine.broker.rabbit_broker import PrefetchRabbitBroker, RabbitConsumer, make_rabbit_broker
 from engine.broker.rabbit_settle import RabbitSettler
 from engine.broker.reclaim import Reclaimer
+from engine.metrics import prometheus, tally
 from engine.process import set_title
 from engine.runtime import open_runtime, queue_client
 from engine.settings import Settings
@@ -159,6 +160,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         # Everything alive now (modules, the Runtime) lives as long as the process: keep it
         # out of every future collection, which otherwise rescans it while jobs churn objects.
         gc.freeze()
+        publishing = asyncio.create_task(_publish_metrics(executor), name="job-metrics")
         log.info("worker %d up (%s), %d jobs in flight", index, broker_id, settings.job_concurrency)
         code = await _watch(worker, stop)
         if sweeping is not None:
@@ -167,6 +169,10 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
                 await sweeping
         log.info("worker %d draining (up to %d ms)", index, settings.prefetch_shutdown_timeout_ms)
         stuck = await executor.drain(settings.prefetch_shutdown_timeout_ms / 1000)
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        _publish(executor)
         if stuck:
             log.warning("%d jobs still running at shutdown: handed back to the queue", stuck)
         # Hands back what was fetched but not started, stops and closes the consumers.
@@ -175,6 +181,19 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
             await settler.close()
     broker.close()
     return code
+
+
+def _publish(executor: Executor) -> None:
+    """The jobs running now, and what the jobs tallied since the last call (tally.py)."""
+    prometheus.JOBS_IN_FLIGHT.set(executor.in_flight)
+    tally.flush()
+
+
+async def _publish_metrics(executor: Executor) -> None:
+    """Publish the job metrics once a second (a job adds to in-memory tallies only)."""
+    while True:
+        await asyncio.sleep(tally.FLUSH_INTERVAL_S)
+        _publish(executor)
 
 
 async def _watch(worker: LoopWorker, stop: asyncio.Event) -> int:

@@ -132,6 +132,18 @@ JOBS_IN_FLIGHT = Gauge(
 HOT_HIT = CACHE_HITS.labels(tier="hot")
 WARM_HIT = CACHE_HITS.labels(tier="warm")
 JOB_COMPLETED = QUEUE_JOBS.labels(status="completed")
+_OPERATIONS_BY: dict[tuple[str, bool], object] = {}
+
+
+def operations(origin: str, ok: bool) -> object:
+    """OPERATIONS' child for `origin` and the outcome, looked up once per pair."""
+    child = _OPERATIONS_BY.get((origin, ok))
+    if child is None:
+        status = "completed" if ok else "failed"
+        child = _OPERATIONS_BY[origin, ok] = OPERATIONS.labels(origin=origin, status=status)
+    return child
+
+
 JOB_FAILED = QUEUE_JOBS.labels(status="failed")
 
 
