@@ -67,7 +67,9 @@ def reads_chart(reads: dict[str, Any], path: Path, note: str) -> Path:
     for v in variants:
         wrk = v["wrk"]
         if v["target"] == "bare":
-            labels.append(f"bare aiohttp\n{v['served']} bytes")
+            # Measured again beside each store's API (interleaved with it): say which.
+            beside = f"\n(store {v['section']})" if v.get("section") else ""
+            labels.append(f"bare aiohttp\n{v['served']} bytes{beside}")
             colors.append(CEILING)
         else:
             ratio = f"\n{v['ratio_to_bare']:.2f}x bare" if v.get("ratio_to_bare") else ""
@@ -76,7 +78,7 @@ def reads_chart(reads: dict[str, Any], path: Path, note: str) -> Path:
         rps.append(wrk["rps"])
         p50.append(wrk["p50_ms"])
         p99.append(wrk["p99_ms"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(13.0, 2.1 * len(labels)), 5.2))
     xs = range(len(labels))
     _label_bars(left, left.bar(xs, rps, color=colors))
     for found in reads.get("redis_benchmark", []):
@@ -106,7 +108,9 @@ def reads_chart(reads: dict[str, Any], path: Path, note: str) -> Path:
     right.axhline(5, color=TARGET, linestyle="--", linewidth=1, label="p99 target 5 ms")
     right.set_xticks(list(xs), labels, fontsize=7)
     right.set_ylabel("latency, ms")
-    right.set_title("Cached reads: p50 (light) and p99")
+    kind = next((v["wrk"].get("percentiles") for v in variants), None)
+    kind = None if kind == "one run" else kind  # else "median of N slices"
+    right.set_title(f"Cached reads: p50 (light) and p99{f', {kind}' if kind else ''}")
     _headroom(right, 0.08)
     right.legend(fontsize=8)
     return _finish(fig, path, note)
