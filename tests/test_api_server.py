@@ -55,12 +55,16 @@ def test_the_request_handler_internals_api_server_uses() -> None:
         "exc",
         "message",
     ]
-    assert list(inspect.signature(RequestHandler.finish_response).parameters) == [
+    assert list(inspect.signature(RequestHandler.log_access).parameters) == [
         "self",
         "request",
-        "resp",
-        "start_time",
+        "response",
+        "time",
     ]
+    # log_access is where a written response's body is let go: aiohttp must call it after
+    # the write, on the normal path and when the client went away.
+    finish = inspect.getsource(RequestHandler.finish_response)
+    assert finish.index("await resp.write_eof()") < finish.rindex("self.log_access(")
     init = inspect.signature(RequestHandler.__init__).parameters
     assert {"manager", "loop", "keepalive_timeout", "auto_decompress"} <= set(init)
     assert "_read_bytes" in BaseRequest.__slots__ or hasattr(BaseRequest, "_read_bytes")
