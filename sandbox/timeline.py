@@ -82,13 +82,24 @@ def timeline_app(
     chance = random.Random()  # knob decisions are deliberately not reproducible
     fetches = 0
     by_user: dict[str, int] = {}
+    # Requests being answered now, and the most at once since the last reset: how tests see
+    # that a worker keeps to PREFETCH_JOB_CONCURRENCY.
+    in_flight = peak_in_flight = 0
     delayed = sandbox.latency_ms > 0 or sandbox.jitter_ms > 0
 
     async def timeline_handler(request: web.Request) -> web.Response:
-        nonlocal fetches
+        nonlocal fetches, in_flight, peak_in_flight
         user_id = request.match_info["userId"]
         fetches += 1
         by_user[user_id] = by_user.get(user_id, 0) + 1
+        in_flight += 1
+        peak_in_flight = max(peak_in_flight, in_flight)
+        try:
+            return await answer(request, user_id)
+        finally:
+            in_flight -= 1
+
+    async def answer(request: web.Request, user_id: str) -> web.Response:
         auth = request.headers.get("Authorization")
         if auth is not None:
             scheme, _, token = auth.partition(" ")
@@ -116,11 +127,13 @@ def timeline_app(
         return _json({"status": "healthy", "service": "sandbox-timeline"})
 
     async def stats_handler(request: web.Request) -> web.Response:
-        return _json({"timelineFetches": fetches, "byUser": by_user})
+        return _json(
+            {"timelineFetches": fetches, "byUser": by_user, "peakInFlight": peak_in_flight}
+        )
 
     async def reset_handler(request: web.Request) -> web.Response:
-        nonlocal fetches
-        fetches = 0
+        nonlocal fetches, peak_in_flight
+        fetches = peak_in_flight = 0
         by_user.clear()
         return _json({"success": True})
 

@@ -253,7 +253,7 @@ class ApiClient:
             return result
 
     async def timeline_stats(self) -> dict[str, Any]:
-        """The sandbox timeline's counters: timelineFetches, byUser."""
+        """The sandbox timeline's counters: timelineFetches, byUser, peakInFlight."""
         return await self._stats(self.settings.timeline_url)
 
     async def ca_stats(self) -> dict[str, Any]:

@@ -388,6 +388,36 @@ async def test_a_batch_message_prefetches_every_user_and_settles_each_failure(
     assert engine.error_lines() == []
 
 
+async def test_batches_keep_to_the_job_concurrency_and_free_their_slots(engine: Engine) -> None:
+    # Three batches of 30 at once, 5 slots in one worker, an upstream that takes 100 ms: the
+    # users take slots as they free, never more than 5 fetches at once, and every slot comes
+    # back (a later batch still runs at full width).
+    await engine.start_sandbox(latency_ms=100)
+    await engine.start_worker(PREFETCH_WORKER_COUNT="1", PREFETCH_JOB_CONCURRENCY="5")
+    batches = [[user() for _ in range(30)] for _ in range(3)]
+    for batch in batches:
+        await engine.jobs.schedule_batch(batch, "high")
+    everyone = [uid for batch in batches for uid in batch]
+    await wait_for(
+        lambda: _when(engine.count_cached("hot", everyone), lambda n: n == len(everyone)),
+        30,
+        "every user of the three batches in hot",
+    )
+    assert (await engine.sandbox_stats())["peakInFlight"] == 5
+
+    assert engine.sandbox is not None
+    async with engine.http.post(f"{engine.sandbox.timeline_url}/__reset") as reset:
+        reset.raise_for_status()
+    later = [user() for _ in range(10)]
+    await engine.jobs.schedule_batch(later, "high")
+    await wait_for(
+        lambda: _when(engine.count_cached("hot", later), lambda n: n == len(later)),
+        10,
+        "a later batch, with every slot given back",
+    )
+    assert (await engine.sandbox_stats())["peakInFlight"] == 5  # 4 if one slot had leaked
+
+
 async def test_a_fenced_batch_lands_only_while_the_fence_holds(engine: Engine) -> None:
     fence = Fence("prefetch:test:fence", "leader-1:7")
     refused = await engine.jobs.schedule_batch([user()], "medium", origin="activity", fence=fence)

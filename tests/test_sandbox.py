@@ -284,11 +284,16 @@ async def test_stats_count_fetches_and_reset(
     for user_id in (USER, USER, OTHER, dead):
         await fetch(session, timeline(server, user_id))
     stats = await get_json(session, f"{server.timeline_url}/__stats")
-    assert stats == {"timelineFetches": 4, "byUser": {USER: 2, OTHER: 1, dead: 1}}
+    # One at a time: the peak of requests in flight is 1.
+    assert stats == {
+        "timelineFetches": 4,
+        "byUser": {USER: 2, OTHER: 1, dead: 1},
+        "peakInFlight": 1,
+    }
     async with session.post(f"{server.timeline_url}/__reset") as response:
         assert response.status == 200
     stats = await get_json(session, f"{server.timeline_url}/__stats")
-    assert stats == {"timelineFetches": 0, "byUser": {}}
+    assert stats == {"timelineFetches": 0, "byUser": {}, "peakInFlight": 0}
 
 
 async def test_timeline_checks_bearer_tokens(
