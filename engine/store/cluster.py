@@ -8,12 +8,13 @@ non-atomic batch by node (one round trip per node, replies in order): what the p
 script pipelines of the strategies need. On a single node FastRedis stays several times
 cheaper, so it keeps that path.
 
-Replies are made RESP2-shaped like FastRedis's (module engine.store.client): glide's `str`
-simple strings become bytes, its maps (HGETALL) flat lists, and its error texts
-(`NoScriptError: ...`) the server's own (`NOSCRIPT ...`). A command without a key runs where
-Redis Cluster clients conventionally run it: PING, DBSIZE (summed) and INFO (per node, with
-`used_memory` summed in a first section) on every primary; SCAN walks the primaries one after
-the other behind one composite cursor; SCRIPT LOAD on every node.
+Replies are made RESP2-shaped like FastRedis's (module engine.store.client) by
+engine.store.cluster_replies: glide's `str` simple strings become bytes, its maps (HGETALL)
+flat lists, and its error texts (`NoScriptError: ...`) the server's own (`NOSCRIPT ...`).
+This module routes commands and keeps the glide client alive. A command without a key runs
+where Redis Cluster clients conventionally run it: PING, DBSIZE (summed) and INFO (per node,
+with `used_memory` summed in a first section) on every primary; SCAN walks the primaries one
+after the other behind one composite cursor; SCRIPT LOAD on every node.
 
 The glide client is created lazily on first use (so a process starts while the Cluster is
 down) and again after glide closed it; a failed creation is not retried for
@@ -24,12 +25,19 @@ connect timeout. glide is imported only then, after fork: its Rust runtime start
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from engine.errors import ConfigError, RedisReplyError, RedisUnavailable
+from engine.store.cluster_replies import (
+    Redirected,
+    glide_args,
+    merged_info,
+    node_name,
+    reply_error,
+    shape,
+)
 from engine.store.endpoint import RedisAddress
 from engine.store.fastredis import Arg, Script
 
@@ -38,99 +46,12 @@ RECONNECT_HOLDOFF_S = 0.5
 # concurrent requests: the target answers MOVED to a request whose ASKING another request's
 # command consumed) means the command did not run: it is sent again after these pauses.
 REDIRECT_PAUSES_S = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256)
-# glide's rendering of a server error: "An error was signalled by the server: - Kind: text".
-_SERVER_ERROR = re.compile(r"^(?:An error was signalled by the server: - )?(\w+): ?(.*)$", re.S)
-# redis-rs's names for the error codes it knows (the rest keep the server's own code).
-_KINDS = {
-    "ResponseError": "ERR",
-    "NoScriptError": "NOSCRIPT",
-    "BusyLoadingError": "LOADING",
-    "ClusterDown": "CLUSTERDOWN",
-    "CrossSlot": "CROSSSLOT",
-    "MasterDown": "MASTERDOWN",
-    "ReadOnly": "READONLY",
-    "TryAgain": "TRYAGAIN",
-    "ExecAbortError": "EXECABORT",
-    "NotBusy": "NOTBUSY",
-    "PermissionDenied": "NOPERM",
-    "Moved": "MOVED",
-    "Ask": "ASK",
-}
-_TRANSIENT = {"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"}
 _ALL_PRIMARIES = {b"PING", b"DBSIZE", b"INFO"}
 _KEYLESS = {*_ALL_PRIMARIES, b"SCAN", b"SCRIPT"}
 
 
 def _word(arg: Arg) -> bytes:
     return (arg if isinstance(arg, bytes) else str(arg).encode()).upper()
-
-
-def server_message(text: str) -> str:
-    """The error reply as the server wrote it (`NOSCRIPT No matching script...`)."""
-    match = _SERVER_ERROR.match(text.strip())
-    if match is None:
-        return text
-    kind, rest = match.groups()
-    code = _KINDS.get(kind, kind)
-    return f"{code} {rest}" if code.isupper() else text
-
-
-class _Redirected(RedisUnavailable):
-    """An error reply by which the Cluster refused a command without running it."""
-
-
-def _redirected(reply: Any) -> bool:
-    return isinstance(reply, _Redirected)
-
-
-def _reply_error(text: str) -> RedisReplyError | RedisUnavailable:
-    """An error reply; one that says the Cluster is changing (a redirect glide gave up on, a
-    slot mid-migration, no quorum) is `RedisUnavailable`: try again, nothing is wrong."""
-    message = server_message(text)
-    if message.split(" ", 1)[0] in _TRANSIENT:
-        return _Redirected(f"Redis Cluster is changing: {message}")
-    return RedisReplyError(message)
-
-
-def _args(args: Sequence[Arg]) -> list[str | bytes]:
-    return [a if isinstance(a, bytes | str) else str(a) for a in args]
-
-
-def _shape(reply: Any) -> Any:
-    """A glide reply in FastRedis's RESP2 shapes (see the module docstring)."""
-    if isinstance(reply, bytes | int | float) or reply is None:
-        return reply
-    if isinstance(reply, str):
-        return reply.encode()
-    if isinstance(reply, list):
-        return [_shape(item) for item in reply]
-    if isinstance(reply, dict):
-        flat: list[Any] = []
-        for key, value in reply.items():
-            flat += (_shape(key), _shape(value))
-        return flat
-    if isinstance(reply, set):
-        return [_shape(item) for item in reply]
-    return reply
-
-
-def _info_field(text: bytes, name: bytes) -> int:
-    for line in text.splitlines():
-        if line.startswith(name + b":"):
-            try:
-                return int(line.split(b":", 1)[1])
-            except ValueError:
-                return 0
-    return 0
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "K", "M", "G"):
-        if value < 1024:
-            return f"{value:.2f}{unit}" if unit != "B" else f"{size}B"
-        value /= 1024
-    return f"{value:.2f}T"
 
 
 class ClusterRedis:
@@ -246,13 +167,13 @@ class ClusterRedis:
         if isinstance(exc, glide.TimeoutError | glide.ConnectionError):
             return RedisUnavailable(f"Redis Cluster at {self.endpoint}: {exc}")
         if isinstance(exc, glide.RequestError):
-            return _reply_error(str(exc))
+            return reply_error(str(exc))
         return RedisUnavailable(f"Redis Cluster at {self.endpoint}: {exc!r}")
 
     async def _call(self, args: Sequence[Arg], route: Any = None) -> Any:
         import glide
 
-        command = _args(args)
+        command = glide_args(args)
         for pause in (*REDIRECT_PAUSES_S, None):
             client = await self._glide()
             try:
@@ -261,7 +182,7 @@ class ClusterRedis:
                 return await client.custom_command(command, route)
             except glide.GlideError as exc:
                 failure = self._failure(exc, client)
-                if pause is None or not _redirected(failure):
+                if pause is None or not isinstance(failure, Redirected):
                     raise failure from None
             await asyncio.sleep(pause)
         raise AssertionError("unreachable")
@@ -281,8 +202,8 @@ class ClusterRedis:
             import glide
 
             replies = await self._call(args, glide.AllNodes())
-            return _shape(next(iter(replies.values())) if isinstance(replies, dict) else replies)
-        return _shape(await self._call(args))
+            return shape(next(iter(replies.values())) if isinstance(replies, dict) else replies)
+        return shape(await self._call(args))
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send `commands` in one batch: glide groups them by node (one round trip per node)
@@ -318,7 +239,7 @@ class ClusterRedis:
         not run), up to len(REDIRECT_PAUSES_S) times."""
         out = await self._batch_once(commands)
         for pause in REDIRECT_PAUSES_S:
-            again = [i for i, reply in enumerate(out) if _redirected(reply)]
+            again = [i for i, reply in enumerate(out) if isinstance(reply, Redirected)]
             if not again:
                 break
             await asyncio.sleep(pause)
@@ -333,7 +254,7 @@ class ClusterRedis:
 
         batch = glide.ClusterBatch(is_atomic=False)
         for command in commands:
-            batch.custom_command(_args(command))
+            batch.custom_command(glide_args(command))
         client = await self._glide()
         try:
             replies = await client.exec(batch, raise_on_error=False)
@@ -342,9 +263,9 @@ class ClusterRedis:
         out: list[Any] = []
         for reply in replies or []:
             if isinstance(reply, glide.RequestError):
-                out.append(_reply_error(str(reply)))
+                out.append(reply_error(str(reply)))
             else:
-                out.append(_shape(reply))
+                out.append(shape(reply))
         return out
 
     async def get(self, key: bytes | str) -> bytes | None:
@@ -354,7 +275,7 @@ class ClusterRedis:
     async def set(self, key: bytes | str, value: Arg, px: int | None = None) -> bool:
         """SET, with an expiry in milliseconds if `px` is given; True when Redis said OK."""
         expiry: tuple[Arg, ...] = () if px is None else (b"PX", px)
-        return bool(_shape(await self._call((b"SET", key, value, *expiry))) == b"OK")
+        return bool(shape(await self._call((b"SET", key, value, *expiry))) == b"OK")
 
     async def delete(self, *keys: bytes | str) -> int:
         """DEL (glide splits keys of several slots by node)."""
@@ -388,25 +309,20 @@ class ClusterRedis:
         replies = await self._call((b"ECHO", b"primaries"), glide.AllPrimaries())
         if not isinstance(replies, dict):
             return [f"{self.endpoint.host}:{self.endpoint.port}"]
-        return sorted(_text(node) for node in replies)
+        return sorted(node_name(node) for node in replies)
 
     async def _on_primaries(self, name: bytes, args: Sequence[Arg]) -> Any:
         import glide
 
         replies = await self._call(args, glide.AllPrimaries())
         if not isinstance(replies, dict):  # aggregated by glide (PING: all said PONG; DBSIZE)
-            return _shape(replies)
-        by_node = {_text(node): _shape(reply) for node, reply in sorted(replies.items())}
+            return shape(replies)
+        by_node = {node_name(node): shape(reply) for node, reply in sorted(replies.items())}
         if name == b"PING":
             return b"PONG"
         if name == b"DBSIZE":
             return sum(int(v) for v in by_node.values())
-        used = sum(_info_field(text, b"used_memory") for text in by_node.values())
-        head = f"# Cluster\r\nprimaries:{len(by_node)}\r\nused_memory:{used}\r\n"
-        head += f"used_memory_human:{_human(used)}\r\n"
-        parts = [head.encode()]
-        parts += [f"# Node {node}\r\n".encode() + text for node, text in by_node.items()]
-        return b"\r\n".join(parts)
+        return merged_info(by_node)
 
     async def _scan(self, args: Sequence[Arg]) -> list[Any]:
         """SCAN over every primary in turn; the cursor is `<primary index>-<node cursor>`."""
@@ -422,13 +338,9 @@ class ClusterRedis:
         reply = await self._call(
             (b"SCAN", node_cursor, *args[2:]), glide.ByAddressRoute(host, int(port))
         )
-        following, found = _shape(reply)
+        following, found = shape(reply)
         if following != b"0":
             return [f"{i}-{following.decode()}".encode(), found]
         if i + 1 < len(nodes):
             return [f"{i + 1}-0".encode(), found]
         return [b"0", found]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

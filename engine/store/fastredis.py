@@ -15,6 +15,10 @@ one-reply-per-command.
 TLS (`rediss://`) honours the query options redis-py honours: `ssl_cert_reqs`
 (none|optional|required), `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` and
 `ssl_check_hostname`.
+
+The socket itself (buffering, the one write per iteration, FIFO matching, deadlines) is
+engine.store.connection's `Connection`; this module is the client around it: packing
+commands, dialling and reconnecting with backoff, turning error replies into exceptions.
 """
 
 from __future__ import annotations
@@ -23,9 +27,7 @@ import asyncio
 import hashlib
 import random
 import ssl
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Self, TypeAlias, cast
 
@@ -39,12 +41,12 @@ from engine.errors import (
     RedisUnavailable,
     redis_reply_error,
 )
+from engine.store.connection import Connection, ConnectionStats
 from engine.store.endpoint import RedisAddress
 
 Arg: TypeAlias = bytes | str | int | float
 """A command argument, as hiredis packs it (ints and floats are sent in decimal)."""
 
-_NOT_ENOUGH_DATA: Final = object()
 # Reconnect backoff after a failed dial: doubles from the first to the last, with jitter so
 # that the processes of a pod do not dial in step.
 RECONNECT_FIRST_S: Final = 0.05
@@ -72,13 +74,6 @@ class Script:
     def load(cls, module_file: str, name: str) -> Script:
         """The script in the `.lua` file `name` beside the module `module_file` (its __file__)."""
         return cls((Path(module_file).parent / name).read_text(encoding="utf-8"))
-
-
-@dataclass(slots=True)
-class _Stats:
-    writes: int = 0
-    # Called once whenever a connection closes, for whatever reason (see on_disconnect).
-    listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _still_down(cause: BaseException | None) -> RedisUnavailable:
@@ -110,119 +105,6 @@ async def _replies(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
     return results
 
 
-class _Connection(asyncio.Protocol):
-    """One socket: buffers commands, flushes once per loop iteration, matches replies FIFO."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float | None, stats: _Stats):
-        self._loop = loop
-        self._timeout = timeout
-        self._stats = stats
-        self._reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=_NOT_ENOUGH_DATA)
-        self._transport: asyncio.Transport | None = None
-        self._pending: deque[asyncio.Future[Any]] = deque()
-        self._deadlines: deque[float] = deque()
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._lost: asyncio.Future[None] = loop.create_future()
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
-    def send(self, payload: bytes) -> asyncio.Future[Any]:
-        """Queue one packed command; the returned future gets its raw reply."""
-        loop = self._loop
-        fut: asyncio.Future[Any] = loop.create_future()
-        if self.closed:
-            fut.set_exception(RedisUnavailable("Redis connection is closed"))
-            return fut
-        self._pending.append(fut)
-        self._out.append(payload)
-        if self._timeout is not None:
-            deadline = loop.time() + self._timeout
-            self._deadlines.append(deadline)
-            if self._timer is None:
-                self._timer = loop.call_at(deadline, self._check_deadline)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out = self._out
-        if not out or self._transport is None:
-            return
-        self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-        self._stats.writes += 1
-
-    def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
-        pending = self._pending
-        deadlines = self._deadlines
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as exc:
-                self.fail(f"Redis protocol error: {exc}")
-                return
-            if reply is _NOT_ENOUGH_DATA:
-                return
-            if not pending:
-                self.fail("Redis sent a reply nobody asked for")
-                return
-            fut = pending.popleft()
-            if deadlines:
-                deadlines.popleft()
-            if not fut.done():
-                fut.set_result(reply)
-
-    def _check_deadline(self) -> None:
-        self._timer = None
-        if self.closed or not self._deadlines:
-            return
-        head = self._deadlines[0]
-        if head > self._loop.time() + 0.001:
-            self._timer = self._loop.call_at(head, self._check_deadline)
-            return
-        self.fail(f"Redis did not answer within {self._timeout} s")
-
-    def fail(self, reason: str) -> None:
-        """Drop the connection and fail everything in flight with `RedisUnavailable`."""
-        if self.closed:
-            return
-        self.closed = True
-        self._out.clear()
-        for listener in self._stats.listeners:
-            listener()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        pending, self._pending = self._pending, deque()
-        self._deadlines.clear()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(RedisUnavailable(reason))
-        if self._transport is not None:
-            self._transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self.fail(f"connection to Redis lost: {exc or 'closed by the server'}")
-        if not self._lost.done():
-            self._lost.set_result(None)
-
-    async def close(self) -> None:
-        """Fail what is in flight, close the socket and wait (briefly) until it is gone."""
-        transport = self._transport
-        self.fail("Redis client closed")
-        if transport is not None:
-            await asyncio.wait([self._lost], timeout=1.0)
-
-
 class FastRedis:
     """An auto-pipelining Redis client on one connection; see the module docstring.
 
@@ -238,9 +120,9 @@ class FastRedis:
         self.address = RedisAddress.parse(url, db)
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self._stats = _Stats()
-        self._conn: _Connection | None = None
-        self._connecting: asyncio.Task[_Connection] | None = None
+        self._stats = ConnectionStats()
+        self._conn: Connection | None = None
+        self._connecting: asyncio.Task[Connection] | None = None
         self._closed = False
         self._tls: ssl.SSLContext | None = None
         # Dials that failed in a row, when the next may start (loop time), and why it failed.
@@ -275,14 +157,14 @@ class FastRedis:
     @property
     def in_flight(self) -> int:
         """How many commands await a reply."""
-        return len(self._conn._pending) if self._conn is not None else 0
+        return self._conn.in_flight if self._conn is not None else 0
 
     @property
     def reconnecting(self) -> bool:
         """Whether the last dial failed, so that commands fail at once until one succeeds."""
         return self._failures > 0
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> Connection:
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
@@ -310,13 +192,13 @@ class FastRedis:
                 raise RedisUnavailable("Redis client closed while connecting") from None
             raise
 
-    def _dial_in_background(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[_Connection]:
+    def _dial_in_background(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[Connection]:
         task = loop.create_task(self._open())
         task.add_done_callback(self._opened)
         self._connecting = task
         return task
 
-    def _opened(self, task: asyncio.Task[_Connection]) -> None:
+    def _opened(self, task: asyncio.Task[Connection]) -> None:
         self._connecting = None
         if task.cancelled():
             return
@@ -332,7 +214,7 @@ class FastRedis:
         backoff = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** (self._failures - 1))
         self._retry_at = task.get_loop().time() + backoff * random.uniform(0.8, 1.2)
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         try:
             return await asyncio.wait_for(self._dial(), self.connect_timeout)
         except RedisUnavailable:
@@ -340,10 +222,10 @@ class FastRedis:
         except OSError as exc:  # TimeoutError too
             raise RedisUnavailable(f"cannot connect to Redis at {self.address}: {exc!r}") from exc
 
-    async def _dial(self) -> _Connection:
+    async def _dial(self) -> Connection:
         loop = asyncio.get_running_loop()
         addr = self.address
-        conn = _Connection(loop, self.timeout, self._stats)
+        conn = Connection(loop, self.timeout, self._stats)
         if addr.path is not None:
             await loop.create_unix_connection(lambda: conn, addr.path)
         else:
