@@ -46,23 +46,20 @@ from bench.common import (
     Service,
     Services,
     code_fingerprint,
-    cpu_seconds,
     flush_bench_dbs,
     free_port,
     http_json,
     local_redis_pid,
     machine,
-    memory_kb,
     print_table,
     redis_info,
     redis_target,
     save_result,
     service_env,
     start_sandbox,
-    system_busy_seconds,
-    titled,
     wait_http,
 )
+from bench.procfs import cpu_seconds, memory_kb, system_busy_seconds, titled
 from engine import wire
 from engine.broker.backend import open_job_queue
 from engine.broker.jobs import JobQueue

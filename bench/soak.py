@@ -55,9 +55,9 @@ from bench.common import (
     save_result,
     service_env,
     start_sandbox,
-    titled,
     wait_http,
 )
+from bench.procfs import titled
 from engine.store import keys
 from sandbox.timeline import NOT_FOUND_PREFIX
 
