@@ -27,7 +27,6 @@ from bench.common import (
     flush_bench_dbs,
     free_port,
     machine,
-    memory_kb,
     print_table,
     redis_target,
     save_result,
@@ -35,6 +34,7 @@ from bench.common import (
     start_sandbox,
     wait_http,
 )
+from bench.procfs import memory_kb
 
 
 async def _drive(base: str, users: list[str], connections: int) -> dict[int, int]:

@@ -33,7 +33,6 @@ from bench.common import (
     SERVICE_TOKEN,
     Services,
     code_fingerprint,
-    cpu_seconds,
     flush_bench_dbs,
     free_port,
     machine,
@@ -44,6 +43,7 @@ from bench.common import (
     start_sandbox,
     wait_http,
 )
+from bench.procfs import cpu_seconds
 
 
 @dataclass

@@ -39,15 +39,13 @@ from bench.common import (
     ROOT,
     SERVICE_TOKEN,
     Services,
-    cpu_seconds,
     local_redis_pid,
     machine,
-    memory_kb,
     print_table,
     save_result,
     start_sandbox,
-    system_busy_seconds,
 )
+from bench.procfs import cpu_seconds, memory_kb, system_busy_seconds
 
 PEER_DIR = ROOT / "bench" / "peers" / "bullmq"
 ENTRIES_DB = 5

@@ -43,16 +43,15 @@ from bench.common import (
     http_json,
     local_redis_pid,
     machine,
-    memory_kb,
     print_table,
     redis_info,
     redis_target,
     save_result,
     service_env,
     start_sandbox,
-    titled,
     wait_http,
 )
+from bench.procfs import memory_kb, titled
 from bench.reads_data import check_response, fill_hot, make_entries, redis_benchmark
 from bench.reads_wrk import Endpoint, Variant, WrkResult, interleave, slice_seconds
 from engine.store.entry import compress

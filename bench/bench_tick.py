@@ -27,7 +27,6 @@ import redis as redis_py
 
 from bench.common import (
     BENCH_DBS,
-    cpu_seconds,
     flush_bench_dbs,
     local_redis_pid,
     machine,
@@ -35,6 +34,7 @@ from bench.common import (
     redis_target,
     save_result,
 )
+from bench.procfs import cpu_seconds
 from engine.broker.jobs import JobQueue
 from engine.settings import Settings
 from engine.store import keys

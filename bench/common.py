@@ -1,15 +1,15 @@
-"""Shared plumbing of the benches: Redis target, subprocesses, /proc readings, results.
+"""Shared plumbing of the benches: Redis target, subprocesses, results.
 
 Every bench uses Redis DBs 4-7 (hot, warm, queue, metrics) and flushes them first, so it
 never touches the DBs of a `prefetch dev` or of the tests. Services run as real `prefetch`
 subprocesses in a scratch directory (so a developer's `.env` does not leak in), with their
-logs under bench/results/logs/. Also the bare aiohttp responder that the read bench compares
-the API with: `python -m bench.common bare --port P --plain F --gzip F`.
+logs under bench/results/logs/. The /proc readings are in bench/procfs.py. Also the command
+line of the bare aiohttp responder (bench/bare.py) that the read bench compares the API with:
+`python -m bench.common bare --port P --plain F --gzip F`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,12 +28,13 @@ from typing import Any
 
 import redis
 
+from bench.procfs import command_name, group_members
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PREFETCH = Path(sys.executable).with_name("prefetch")
 BENCH_DBS = {"REDIS_DB_HOT": 4, "REDIS_DB_WARM": 5, "REDIS_DB_QUEUE": 6, "REDIS_DB_METRICS": 7}
 SERVICE_TOKEN = "sandbox-service"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def local_redis_pid(url: str) -> int | None:
     pid = redis_info(url).get("pid")
     if not isinstance(pid, int):
         return None
-    comm = _read(f"/proc/{pid}/comm")
+    comm = command_name(pid)
     return pid if comm and ("redis" in comm or "valkey" in comm) else None
 
 
@@ -233,87 +234,6 @@ def start_sandbox(services: Services, redis_url: str, latency_ms: int = 0) -> di
     return urls
 
 
-# --- /proc ------------------------------------------------------------------------------------
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 if it is gone."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
-def system_busy_seconds() -> float:
-    """CPU time all CPUs spent busy since boot (/proc/stat), in seconds."""
-    fields = (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def memory_kb(pid: int, field: str = "VmRSS") -> int:
-    """A Vm* line of /proc/<pid>/status (VmRSS now, VmHWM the peak), in kB."""
-    status = _read(f"/proc/{pid}/status") or ""
-    for line in status.splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _ppid(pid: int) -> int | None:
-    stat = _read(f"/proc/{pid}/stat")
-    return int(stat.rsplit(")", 1)[1].split()[1]) if stat else None
-
-
-def titled(prefix: str, ancestor: int | None = None) -> dict[int, str]:
-    """Processes whose title (cmdline) starts with `prefix`, optionally below `ancestor`."""
-    found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        cmdline = _read(f"/proc/{entry}/cmdline")
-        if not cmdline:
-            continue
-        title = cmdline.replace("\x00", " ").strip()
-        if not title.startswith(prefix):
-            continue
-        pid = int(entry)
-        if ancestor is None or pid == ancestor or _descends(pid, ancestor):
-            found[pid] = title
-    return found
-
-
-def group_members(pgid: int) -> list[int]:
-    """The processes still in process group `pgid` (field 5 of /proc/<pid>/stat)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _read(f"/proc/{entry}/stat")
-            if stat and int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-                members.append(int(entry))
-    return members
-
-
-def _descends(pid: int, ancestor: int) -> bool:
-    for _ in range(16):
-        parent = _ppid(pid)
-        if parent is None or parent <= 1:
-            return False
-        if parent == ancestor:
-            return True
-        pid = parent
-    return False
-
-
 # --- results ----------------------------------------------------------------------------------
 
 
@@ -363,54 +283,12 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         print(line(row))
 
 
-# --- the bare responder -----------------------------------------------------------------------
-
-
-def serve_bare(port: int, plain: bytes, gzipped: bytes) -> None:
-    """The ceiling for the API: one route per encoding, the same bytes for any user id."""
-    import asyncio
-
-    import uvloop
-    from aiohttp import web
-
-    gzip_headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
-
-    async def plain_handler(request: web.Request) -> web.Response:
-        return web.Response(body=plain, content_type="application/json")
-
-    async def gzip_handler(request: web.Request) -> web.Response:
-        return web.Response(body=gzipped, content_type="application/json", headers=gzip_headers)
-
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_get("/plain/{userId}", plain_handler)
-        app.router.add_get("/gzip/{userId}", gzip_handler)
-        app.router.add_get("/health", plain_handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-
-    import setproctitle
-
-    setproctitle.setproctitle("prefetch-bench: bare")
-    uvloop.run(serve())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="bench helpers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bare = sub.add_parser("bare", help="serve fixed bytes on /plain/{id} and /gzip/{id}")
-    bare.add_argument("--port", type=int, required=True)
-    bare.add_argument("--plain", type=Path, required=True)
-    bare.add_argument("--gzip", type=Path, required=True)
-    args = parser.parse_args()
-    serve_bare(args.port, args.plain.read_bytes(), args.gzip.read_bytes())
+    """`python -m bench.common bare ...`: the bare responder (bench/bare.py), as bench_reads
+    starts it."""
+    from bench import bare
+
+    bare.main()
 
 
 if __name__ == "__main__":

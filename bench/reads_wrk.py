@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ROOT, SERVICE_TOKEN, cpu_seconds, system_busy_seconds
+from bench.common import ROOT, SERVICE_TOKEN
+from bench.procfs import cpu_seconds, system_busy_seconds
 
 WRK_SCRIPT = ROOT / "bench" / "wrk_users.lua"
 

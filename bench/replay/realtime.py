@@ -37,8 +37,9 @@ import aiohttp
 import orjson
 
 from bench.common import Services, free_port, service_env, start_sandbox, wait_http
+from bench.replay.mix_simulation import FLUSH_MS
 from bench.replay.population import Population, Read, compress
-from bench.replay.simulation import FLUSH_MS, MIXES, replay_history
+from bench.replay.simulation import MIXES, replay_history
 from bench.replay.tally import Tally
 from bench.replay.virtual import REDIS_TIMEOUT_S
 from engine.broker import dramatiq_layout as layout
