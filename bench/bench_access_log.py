@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import machine, print_table, save_result
 from engine import logs
@@ -67,7 +68,7 @@ def main() -> None:
                 logger = logging.getLogger("access")
                 extra = {"fields": tuple(FIELDS), **FIELDS}
 
-                def record(logger: logging.Logger = logger, extra: dict = extra) -> None:
+                def record(logger: logging.Logger = logger, extra: dict[str, Any] = extra) -> None:
                     logger.info(MESSAGE, extra=extra)
 
                 def fast(logger: logging.Logger = logger) -> None:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health/live", api)
         asyncio.run(_drive(base, _new_users(100), 8))  # imports, pools and caches warmed up
-        samples = [("warm", memory_kb(api.pid), {})]
+        samples: list[tuple[str, int, dict[int, int]]] = [("warm", memory_kb(api.pid), {})]
         quarter = args.requests // 4
         started = time.perf_counter()
         seen: list[str] = []

@@ -28,7 +28,6 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.bench_reads import fill_hot, make_entries
 from bench.common import (
     SERVICE_TOKEN,
     Services,
@@ -44,6 +43,7 @@ from bench.common import (
     wait_http,
 )
 from bench.procfs import cpu_seconds
+from bench.reads_data import fill_hot, make_entries
 
 
 @dataclass

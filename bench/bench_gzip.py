@@ -13,6 +13,7 @@ the choice are in tuning.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import statistics
 import time
@@ -26,6 +27,10 @@ from engine.wire import cached_body
 from sandbox import generate_posts
 
 Codec = tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]
+
+
+def _at_level(compress: Callable[[bytes, int], bytes], level: int) -> Callable[[bytes], bytes]:
+    return lambda body: compress(body, level)
 
 
 def candidates() -> dict[str, Codec]:
@@ -45,8 +50,8 @@ def candidates() -> dict[str, Codec]:
 
         for level in (0, 1, 2):
             found[f"isal level {level}"] = (
-                lambda b, lv=level: igzip.compress(b, compresslevel=lv, mtime=0),
-                lambda b: isal_zlib.decompress(b, wbits=31),
+                functools.partial(igzip.compress, compresslevel=level, mtime=0),
+                functools.partial(isal_zlib.decompress, wbits=31),
             )
     except ImportError:
         pass
@@ -55,7 +60,7 @@ def candidates() -> dict[str, Codec]:
 
         for level in (1, 4, 6):
             found[f"libdeflate level {level}"] = (
-                lambda b, lv=level: deflate.gzip_compress(b, lv),
+                _at_level(deflate.gzip_compress, level),
                 deflate.gzip_decompress,
             )
     except ImportError:

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 SECONDS_PER_DAY = 86_400
 
@@ -147,7 +148,7 @@ def _need(demand: float, per_unit: float) -> int:
 # --- measuring ------------------------------------------------------------------------------
 
 
-def measure(redis_url: str | None, users: int = 200) -> dict[str, float]:
+def measure(redis_url: str | None, users: int = 200) -> dict[str, Any]:
     """Store `users` timelines as a worker does and read MEMORY USAGE of each.
 
     Uses DB 4 (a bench DB) and deletes only the keys it wrote: never a FLUSHDB, since the

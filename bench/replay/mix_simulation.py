@@ -112,7 +112,7 @@ class MixSimulation:
         # The actor functions need a Runtime; the simulation has no HTTP session or CA.
         self.runtime = Runtime(
             settings=settings,
-            redis=redis,
+            redis=cast(Any, redis),
             session=cast(Any, None),
             timeline=cast(Any, self.upstream),
             ca=cast(Any, None),
