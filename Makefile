@@ -46,7 +46,7 @@ test-netns: $(STAMP)  ## the network-namespace tests of the pod topology (root)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --explicit-package-bases engine api sandbox prefetch deploy/topology
+	$(BIN)/mypy --explicit-package-bases engine api sandbox prefetch deploy/topology bench
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -81,7 +81,7 @@ class Node:
     directory: Path
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
-    client_options: dict[str, object] = field(default_factory=dict)  # TLS, ACL user
+    client_options: dict[str, Any] = field(default_factory=dict)  # TLS, ACL user
 
     @property
     def log(self) -> Path:
@@ -91,7 +91,7 @@ class Node:
         """A redis-py client to this node alone (as the admin user, over TLS if it has it)."""
         return redis.Redis(
             host="127.0.0.1", port=self.port, socket_timeout=5, **self.client_options
-        )  # type: ignore[arg-type]
+        )
 
     @property
     def url(self) -> str:
@@ -183,7 +183,7 @@ def _tls_args(certs: Certificates, port: int, *, mutual: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def _admin_options(certs: Certificates | None) -> dict[str, object]:
+def _admin_options(certs: Certificates | None) -> dict[str, Any]:
     if certs is None:
         return {}
     return {
@@ -419,16 +419,16 @@ class LocalCluster:
         return replica
 
 
-def _cluster_nodes(node: Node) -> dict[str, dict[str, object]]:
+def _cluster_nodes(node: Node) -> dict[str, dict[str, Any]]:
     """CLUSTER NODES as redis-py parses it: address -> {node_id, flags, ...}."""
     parsed: dict[str, dict[str, object]] = node.client().execute_command("CLUSTER NODES")
     return parsed
 
 
-def _pairs(flat: list[object] | dict[bytes, object]) -> dict[bytes, object]:
+def _pairs(flat: list[Any] | dict[bytes, Any]) -> dict[bytes, Any]:
     if isinstance(flat, dict):
         return flat
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}  # type: ignore[misc]
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 # --- TLS and ACL: a managed Redis, locally ------------------------------------------------------
