@@ -35,7 +35,7 @@ HEARTBEATS = f"{NAMESPACE}:__heartbeats__"
 
 SCHEDULE = Script.load(__file__, "schedule.lua")
 PUSH = Script.load(__file__, "push.lua")
-SETTLE = Script.load(__file__, "settle.lua")
+SETTLE = Script.load(__file__, "outcome_ops.lua", "settle.lua")
 PROMOTE = Script.load(__file__, "promote.lua")
 RECOVER = Script.load(__file__, "recover_acks.lua")
 

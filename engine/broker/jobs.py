@@ -103,6 +103,24 @@ class Scheduled:
     deduplicated: bool
 
 
+def scheduled_from_reply(user_id: str, reply: list[Any]) -> Scheduled:
+    """The `Scheduled` of a schedule script's final reply (created, id, priority, delay),
+    one reading for both brokers (schedule.lua, rabbit_mark.lua): created is 1 for a new
+    job, 0 for the pending one it was deduplicated into, 3 if a concurrent retry took the
+    failed record (raised as _RetryLost). 2 (same id, retry with the next) never gets here.
+    """
+    created, got_id, got_priority, got_delay = reply
+    if created == 3:
+        raise _RetryLost()
+    return Scheduled(
+        jobId=got_id.decode(),
+        userId=user_id,
+        priority=got_priority.decode(),
+        delay=int(got_delay),
+        deduplicated=not created,
+    )
+
+
 class JobQueue:
     """Queue operations over the queue DB; safe to share between coroutines of a process."""
 
@@ -174,16 +192,7 @@ class JobQueue:
             # A higher priority in the same millisecond as the pending job: two jobs must not
             # share an id (finishing one would clear the other's pending mark).
             job_id = _next_job_id(job_id)
-        created, got_id, got_priority, got_delay = reply
-        if created == 3:
-            raise _RetryLost()
-        return Scheduled(
-            jobId=got_id.decode(),
-            userId=user_id,
-            priority=got_priority.decode(),
-            delay=int(got_delay),
-            deduplicated=not created,
-        )
+        return scheduled_from_reply(user_id, reply)
 
     async def schedule_batch(
         self,

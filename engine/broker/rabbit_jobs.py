@@ -34,10 +34,10 @@ from engine.broker.jobs import (
     JobQueue,
     Scheduled,
     _next_job_id,
-    _RetryLost,
     job_kwargs,
     job_message,
     new_job_id,
+    scheduled_from_reply,
 )
 from engine.broker.rabbit_broker import Publisher
 from engine.errors import BrokerTimeout
@@ -107,10 +107,8 @@ class RabbitJobQueue(JobQueue):
             if reply[0] != 2:
                 break
             job_id = _next_job_id(job_id)
-        created, got_id, got_priority, got_delay = reply
-        if created == 3:
-            raise _RetryLost()
-        if created == 1:
+        scheduled = scheduled_from_reply(user_id, reply)
+        if not scheduled.deduplicated:
             try:
                 await self._publisher.publish(message, delay_ms or None, PUBLISH_TIMEOUT_S)
             except BaseException:
@@ -119,13 +117,7 @@ class RabbitJobQueue(JobQueue):
             await self._redis.evalsha_or_eval(
                 _CONFIRM, [pending, *retry_keys], [job_id, delay_ms + PENDING_TTL_MS, *retry_args]
             )
-        return Scheduled(
-            jobId=got_id.decode(),
-            userId=user_id,
-            priority=got_priority.decode(),
-            delay=int(got_delay),
-            deduplicated=not created,
-        )
+        return scheduled
 
     async def schedule_batch(
         self,

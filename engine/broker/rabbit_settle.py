@@ -40,7 +40,7 @@ from engine.store.fastredis import Arg, FastRedis, Script
 
 log = logging.getLogger(__name__)
 
-_OUTCOME = Script.load(__file__, "rabbit_outcome.lua")
+_OUTCOME = Script.load(__file__, "outcome_ops.lua", "rabbit_outcome.lua")
 
 # Longer than a lost ack can take to come back: at once when a worker dies, within two
 # heartbeats (RabbitMQ's default 60 s) when a worker is frozen or cut off.

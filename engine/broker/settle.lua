@@ -4,14 +4,23 @@
 -- ARGV: broker id, now ms, failed records kept, then per message:
 --   verb ('ack' | 'nack' | 'back'), queue, message id, op count, then the ops:
 --     'push' queue id data     enqueue a message as Dramatiq's enqueue does
---     'clear' pending jobId    drop the user's pending mark if it is this job's
---     'move' pending jobId queue id   the job's next attempt is that message
---     'completed' n            count n completed jobs
---     'failed' record          count a failed job and keep its record (newest first)
+--     and the outcome ops 'clear', 'move', 'completed', 'failed' (outcome_ops.lua, prepended
+--     to this script).
 -- A message's ops apply only if the message is still this worker's (SREM from its ack set):
 -- one that was handed to another worker meanwhile is settled by that one, and counted once.
 -- Replies, per message in order, 1 if it was still this worker's (settled here), else 0.
 local ns = KEYS[1]
+
+-- 'push' is this script's own op (only the Redis broker pushes messages).
+local function push(op, i, write)
+  if op ~= 'push' then return nil end
+  if write then
+    redis.call('HSET', ns .. ':' .. ARGV[i + 1] .. '.msgs', ARGV[i + 2], ARGV[i + 3])
+    redis.call('RPUSH', ns .. ':' .. ARGV[i + 1], ARGV[i + 2])
+  end
+  return i + 4
+end
+
 local settled = {}
 local i = 4
 while i <= #ARGV do
@@ -36,37 +45,7 @@ while i <= #ARGV do
       redis.call('RPUSH', ns .. ':' .. queue, id)
     end
   end
-  for _ = 1, nops do
-    local op = ARGV[i]
-    if op == 'push' then
-      if mine then
-        redis.call('HSET', ns .. ':' .. ARGV[i + 1] .. '.msgs', ARGV[i + 2], ARGV[i + 3])
-        redis.call('RPUSH', ns .. ':' .. ARGV[i + 1], ARGV[i + 2])
-      end
-      i = i + 4
-    elseif op == 'clear' then
-      if mine and redis.call('HGET', ARGV[i + 1], 'jobId') == ARGV[i + 2] then
-        redis.call('DEL', ARGV[i + 1])
-      end
-      i = i + 3
-    elseif op == 'move' then
-      if mine and redis.call('HGET', ARGV[i + 1], 'jobId') == ARGV[i + 2] then
-        redis.call('HSET', ARGV[i + 1], 'queue', ARGV[i + 3], 'msg', ARGV[i + 4])
-      end
-      i = i + 5
-    elseif op == 'completed' then
-      if mine then redis.call('INCRBY', KEYS[2], ARGV[i + 1]) end
-      i = i + 2
-    elseif op == 'failed' then
-      if mine then
-        redis.call('LPUSH', KEYS[4], ARGV[i + 1])
-        redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[3]) - 1)
-        redis.call('INCR', KEYS[3])
-      end
-      i = i + 2
-    else
-      return redis.error_reply('settle.lua: unknown op ' .. tostring(op))
-    end
-  end
+  i = apply_outcome_ops(i, nops, mine, KEYS[2], KEYS[3], KEYS[4], ARGV[3], 'settle.lua', push)
+  if type(i) == 'table' then return i end
 end
 return settled

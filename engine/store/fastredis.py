@@ -71,9 +71,14 @@ class Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     @classmethod
-    def load(cls, module_file: str, name: str) -> Script:
-        """The script in the `.lua` file `name` beside the module `module_file` (its __file__)."""
-        return cls((Path(module_file).parent / name).read_text(encoding="utf-8"))
+    def load(cls, module_file: str, name: str, *more: str) -> Script:
+        """The script in the `.lua` file `name` beside the module `module_file` (its __file__).
+
+        With `more`, those files follow it, each on a new line: Redis scripts cannot
+        `require`, so a script shares Lua with another by having the same fragment prepended.
+        """
+        folder = Path(module_file).parent
+        return cls("\n".join((folder / n).read_text(encoding="utf-8") for n in (name, *more)))
 
 
 def _still_down(cause: BaseException | None) -> RedisUnavailable:
