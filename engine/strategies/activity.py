@@ -23,10 +23,10 @@ from engine.settings import Settings
 from engine.store import keys
 from engine.store.client import RedisClient
 from engine.store.fastredis import Script
-from engine.strategies.shards import by_shard, commands, eval_many, load_with
+from engine.strategies.shards import by_shard, commands, eval_many
 
 _SELECT = Script.load(__file__, "select_active.lua")
-_RECORD = load_with(__file__, "profile.lua", "record.lua")
+_RECORD = Script.load(__file__, "profile.lua", "record.lua")  # the library first
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,10 +29,11 @@ from __future__ import annotations
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.client import RedisClient
+from engine.store.fastredis import Script
 from engine.strategies.activity import Candidate, profile_args
-from engine.strategies.shards import eval_many, load_with
+from engine.strategies.shards import eval_many
 
-_DUE = load_with(__file__, "profile.lua", "predict_due.lua")
+_DUE = Script.load(__file__, "profile.lua", "predict_due.lua")  # the library first
 
 
 class PredictiveStrategy:

@@ -9,20 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from engine.errors import RedisReplyError
 from engine.store import keys
 from engine.store.client import RedisClient
 from engine.store.fastredis import Arg, Script
-
-
-def load_with(module_file: str, library: str, name: str) -> Script:
-    """The script `name` with the Lua `library` (both beside `module_file`) prepended."""
-    folder = Path(module_file).parent
-    source = (folder / library).read_text(encoding="utf-8")
-    return Script(source + "\n" + (folder / name).read_text(encoding="utf-8"))
 
 
 def by_shard(users: Iterable[str]) -> dict[int, list[str]]:
