@@ -11,8 +11,8 @@ second may be missing from a scrape, never lost; a process that dies loses at mo
 second, as one that dies between two increments of its own would lose the next.
 
 Histogram observations are added through prometheus_client's child internals
-(`_upper_bounds`, `_buckets`, `_sum`): this module and api/http_metrics.py (which uses
-`add_observations` from here) are the one place that does so; the library has no bulk
+(`_upper_bounds`, `_buckets`, `_sum`): this module is the one place that does so (the API's
+per-request metrics, api/http_metrics.py, are tallied here too); the library has no bulk
 observation. tests/test_observe_metrics.py checks that the exposition counts what was
 observed, so an upgrade that changes them fails there.
 """
@@ -26,10 +26,9 @@ FLUSH_INTERVAL_S: Final = 1.0
 
 # A counter (child) -> what to add to it.
 _counts: dict[Any, float] = {}
-# A histogram (child) -> ([count per bucket, the last one +Inf], [sum of values]).
-_observed: dict[Any, tuple[list[int], list[float]]] = {}
-# A histogram (child) -> its finite bucket bounds, read once.
-_bounds: dict[Any, tuple[float, ...]] = {}
+# A histogram (child) -> (its finite bucket bounds, [count per bucket, the last one +Inf],
+# [sum of values]).
+_observed: dict[Any, tuple[tuple[float, ...], list[int], list[float]]] = {}
 
 
 def inc(counter: Any, amount: float = 1.0) -> None:
@@ -41,13 +40,10 @@ def observe(histogram: Any, value: float) -> None:
     """Tally one observation of a Prometheus histogram (or a labelled child of one)."""
     found = _observed.get(histogram)
     if found is None:
-        bounds = _bounds.get(histogram)
-        if bounds is None:
-            bounds = _bounds[histogram] = tuple(histogram._upper_bounds[:-1])
-        found = _observed[histogram] = ([0] * (len(bounds) + 1), [0.0])
-    # le: a value on a bound is in its bucket.
-    found[0][bisect_left(_bounds[histogram], value)] += 1
-    found[1][0] += value
+        bounds = tuple(histogram._upper_bounds[:-1])
+        found = _observed[histogram] = (bounds, [0] * (len(bounds) + 1), [0.0])
+    found[1][bisect_left(found[0], value)] += 1  # le: a value on a bound is in its bucket
+    found[2][0] += value
 
 
 def flush() -> None:
@@ -60,8 +56,8 @@ def flush() -> None:
     if _observed:
         observed = list(_observed.items())
         _observed.clear()
-        for histogram, (buckets, total) in observed:
-            add_observations(histogram, _bounds[histogram], buckets, total[0])
+        for histogram, (bounds, buckets, total) in observed:
+            add_observations(histogram, bounds, buckets, total[0])
 
 
 def add_observations(
