@@ -118,6 +118,21 @@ async def test_concurrent_gets_are_pipelined(client: FastRedis) -> None:
     assert client.in_flight == 0
 
 
+async def test_large_reads_fed_in_pieces_keep_every_reply_whole(client: FastRedis) -> None:
+    # Replies of many sizes in one pipeline: large reads (several pieces of FEED_PIECE, with
+    # replies straddling the pieces' edges) and small ones mixed, integers and nils among them.
+    sizes = [9_000, 53_000, 1, 0, 100_000, 32 * 1024 - 5, 32 * 1024, 32 * 1024 + 7, 17] * 6
+    values = {f"big{i}": os.urandom(size) for i, size in enumerate(sizes)}
+    await client.pipeline([("SET", key, value) for key, value in values.items()])
+    commands: list[tuple[str, ...]] = []
+    expected: list[object] = []
+    for key, value in values.items():
+        commands += [("GET", key), ("STRLEN", key), ("GET", key + ":missing")]
+        expected += [value, len(value), None]
+    assert await client.pipeline(commands) == expected
+    assert client.in_flight == 0
+
+
 async def test_pipeline_returns_errors_per_command(client: FastRedis) -> None:
     replies = await client.pipeline(
         [("SET", "s", "v"), ("LPUSH", "s", "x"), ("GET", "s"), ("INCRBY", "n", 2)]

@@ -22,6 +22,8 @@ import hiredis
 from engine.errors import RedisReplyError, RedisUnavailable
 
 _NOT_ENOUGH_DATA: Final = object()
+# Reads are fed to hiredis in pieces of at most this many bytes (see data_received).
+FEED_PIECE: Final = 32 * 1024
 
 
 @dataclass(slots=True)
@@ -89,8 +91,22 @@ class Connection(asyncio.Protocol):
         self._stats.writes += 1
 
     def data_received(self, data: bytes) -> None:
+        # hiredis trims its buffer after every reply of a read (a memmove of all that is left
+        # in it), so one large read full of large replies cost time quadratic in its size: 64
+        # replies of 9 KB took 6.2 µs each fed whole, 1.2 fed in pieces (tuning.md).
+        size = len(data)
+        if size <= FEED_PIECE:
+            self._reader.feed(data)
+            self._deliver()
+            return
+        for offset in range(0, size, FEED_PIECE):
+            self._reader.feed(data, offset, min(FEED_PIECE, size - offset))
+            if not self._deliver():
+                return
+
+    def _deliver(self) -> bool:
+        """Hand every complete reply in the reader to its caller; False if this failed us."""
         reader = self._reader
-        reader.feed(data)
         pending = self._pending
         deadlines = self._deadlines
         while True:
@@ -98,12 +114,12 @@ class Connection(asyncio.Protocol):
                 reply = reader.gets()
             except hiredis.ProtocolError as exc:
                 self.fail(f"Redis protocol error: {exc}")
-                return
+                return False
             if reply is _NOT_ENOUGH_DATA:
-                return
+                return True
             if not pending:
                 self.fail("Redis sent a reply nobody asked for")
-                return
+                return False
             fut = pending.popleft()
             if deadlines:
                 deadlines.popleft()
