@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time as clock
+from collections.abc import Callable
 from typing import ClassVar, Final
 
 from aiohttp import web
@@ -65,33 +66,58 @@ class AccessLogger(AbstractAccessLogger):
         if started is not None:
             time = clock.perf_counter() - started
         method = request.method if request.method in METHODS else "OTHER"
-        route = route_of(request)
-        status = response.status
-        http_metrics.observe(route, method, status, time, request.get(READ_RESULT, "none"))
-        sample = self.sample
-        if sample < 1.0 and status < 500 and (sample <= 0.0 or random.random() >= sample):
-            return
-        logger = self.logger
-        if not logger.isEnabledFor(logging.INFO):
-            return
         size = response.content_length
-        path = request.path
-        # The fields of the line, in order; engine.logs writes it without a LogRecord.
-        logs.emit_fields(
-            logger,
-            logging.INFO,
-            f"{method} {path} {status}",
-            {
-                "method": method,
-                "route": route,
-                "path": path,
-                "status": status,
-                "duration_ms": round(time * 1000, 3),
-                "bytes": size if size is not None else response.body_length,
-                "remote": request.remote,
-                "request_id": response.headers.get(REQUEST_ID_HEADER),
-            },
+        record(
+            self.logger,
+            self.sample,
+            method,
+            route_of(request),
+            request.path,
+            response.status,
+            time,
+            request.get(READ_RESULT, "none"),
+            size if size is not None else response.body_length,
+            lambda: request.remote,
+            response.headers.get(REQUEST_ID_HEADER),
         )
+
+
+def record(
+    logger: logging.Logger,
+    sample: float,
+    method: str,
+    route: str,
+    path: str,
+    status: int,
+    seconds: float,
+    cache: str,
+    size: int,
+    remote: Callable[[], str | None],
+    request_id: str | None,
+) -> None:
+    """Count one answered request in the HTTP metrics, and log its line (`sample` of them;
+    every 5xx). `remote` is asked only when the line is written."""
+    http_metrics.observe(route, method, status, seconds, cache)
+    if sample < 1.0 and status < 500 and (sample <= 0.0 or random.random() >= sample):
+        return
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    # The fields of the line, in order; engine.logs writes it without a LogRecord.
+    logs.emit_fields(
+        logger,
+        logging.INFO,
+        f"{method} {path} {status}",
+        {
+            "method": method,
+            "route": route,
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "bytes": size,
+            "remote": remote(),
+            "request_id": request_id,
+        },
+    )
 
 
 def access_logger_class(sample: float) -> type[AccessLogger]:

@@ -167,6 +167,25 @@ class Authenticator:
             raise Forbidden("A user token may only access its own user", code="ACCESS_DENIED")
         return grant
 
+    def allows(self, header: str | None, permission: str, user_id: str) -> bool:
+        """Whether a remembered, unexpired verdict lets `header` through as `authorize`
+        would, without waiting; False also when there is none (the caller then authorizes)."""
+        token = self._tokens.get(header) if header is not None else None
+        if token is None:
+            return False
+        grant = self._cache.get(cache_key(token))
+        if (
+            grant is None
+            or grant.deadline <= time.monotonic()
+            or not grant.valid
+            or permission not in grant.permissions
+            or (grant.user_id is not None and grant.user_id != user_id)
+        ):
+            return False
+        http_metrics.auth_hit()
+        self._cache.move_to_end(cache_key(token))
+        return True
+
     async def _validate(self, key: str | bytes, token: str) -> Grant:
         """One CA call per token at a time, shared by every request that waits for it."""
         flight = self._flights.get(key)

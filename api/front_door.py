@@ -52,5 +52,5 @@ class FrontDoor:
                 return envelope(request, self._app, self._timeline)
         return self._fallback(request)
 
-    def _timeline(self, request: web.BaseRequest) -> Awaitable[web.Response]:
+    def _timeline(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         return read_timeline(request, self._app, request.path[_SKIP:])

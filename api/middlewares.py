@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from random import getrandbits
 from typing import TypeVar
 
@@ -51,13 +51,18 @@ _HTTP_CODES = {
 
 
 def request_id_of(request: web.BaseRequest) -> str:
-    """The caller's X-Request-Id when sane, else a new short random one.
+    """The caller's X-Request-Id when sane, else a new short random one (`request_id_from`)."""
+    return request_id_from(request.headers)
+
+
+def request_id_from(headers: Mapping[str, str]) -> str:
+    """The X-Request-Id of these request headers when sane, else a new short random one.
 
     A request id names a request in logs; it guards nothing, so it comes from the process's
     PRNG (reseeded in each forked child by `random`'s own fork hook), not from os.urandom: a
     system call per request saved.
     """
-    incoming = request.headers.get(REQUEST_ID_HEADER)
+    incoming = headers.get(REQUEST_ID_HEADER)
     if incoming is not None and _SANE_ID.fullmatch(incoming):
         return incoming
     return f"{getrandbits(64):016x}"

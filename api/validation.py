@@ -28,6 +28,7 @@ MAX_BODY_BYTES: Final = 64 * 1024
 # zlib window bits by Content-Encoding (the server leaves bodies compressed: see api.server).
 _DECODERS: Final = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 0}
 
+UUID_LENGTH = 36
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _LIMIT = re.compile(r"\d{1,3}")
@@ -35,7 +36,7 @@ _LIMIT = re.compile(r"\d{1,3}")
 
 def user_id(raw: object) -> str:
     """A UUID of any version in any case, lowercased (keys are built from the lowercase form)."""
-    if isinstance(raw, str) and len(raw) == 36 and _UUID.fullmatch(raw):
+    if isinstance(raw, str) and len(raw) == UUID_LENGTH and _UUID.fullmatch(raw):
         return raw.lower()
     raise BadRequest("userId must be a UUID", code="INVALID_UUID")
 

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from api import http_metrics, validation
 from api.appkeys import ACTIVITY, AUTH, READ_RESULT, RUNTIME
+from api.raw_response import RawResponse, header_lines
 from api.responses import JSON, success
 from engine.errors import NotFound
 from engine.prefetcher import ReadThrough
@@ -30,6 +31,10 @@ from engine.store.entry import GZIP_EXPIRES, GZIP_MAGIC, GZIP_TAG, Stamp, decomp
 
 _GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 _VARY = {"Vary": "Accept-Encoding"}
+# The hot answer's last header lines (after ETag and Cache-Control).
+_GZIP_TAIL = (
+    b"\r\nVary: Accept-Encoding\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n"
+)
 # Untagged entries (stored before stamps existed, or not kept): revalidate every time.
 _UNKNOWN_FRESHNESS = "private, max-age=0"
 
@@ -74,55 +79,49 @@ def cache_control(expires_at: int) -> str:
     return f"private, max-age={max(0, (expires_at - int(time.time() * 1000)) // 1000)}"
 
 
-def _timeline_response(request: web.BaseRequest, stored: bytes) -> web.Response:
+def _timeline_response(request: web.BaseRequest, stored: bytes) -> web.StreamResponse:
     """The stored entry as the response: gzip as is when accepted, else plain JSON; 304
     when the client's If-None-Match names the entry's tag."""
     request_headers = request.headers
-    if (
-        stored[3:4] == b"\x08"
-        and stored[:2] == GZIP_MAGIC
-        and accepts_gzip(request_headers.get("Accept-Encoding", ""))
-    ):
+    gzip_ok = accepts_gzip(request_headers.get("Accept-Encoding", ""))
+    wanted = request_headers.get("If-None-Match")
+    if wanted is not None:
+        entry = unstamp(stored)
+        if entry.tag is not None and matches(wanted, entry.tag):
+            suffix = "-gzip" if entry.gzip and gzip_ok else ""
+            return web.Response(status=304, headers=_validators(entry, suffix))
+    body, lines = timeline_answer(stored, gzip_ok)
+    return RawResponse(body, lines)
+
+
+def timeline_answer(stored: bytes, gzip_ok: bool) -> tuple[bytes | memoryview, bytes]:
+    """The 200 answer to a read of `stored` (body, header lines): the gzip member as is for
+    a client that takes gzip (`gzip_ok`), else the plain JSON."""
+    if gzip_ok and stored[3:4] == b"\x08" and stored[:2] == GZIP_MAGIC:
         # The hot path (a stamped gzip entry, a gzip client), without building a Stamp.
-        tag = stored[GZIP_TAG].decode("ascii")
-        wanted = request_headers.get("If-None-Match")
-        if wanted is not None and matches(wanted, tag):
-            return web.Response(status=304, headers=_validators_of(tag, "-gzip", stored))
-        # Built whole in one literal (aiohttp copies it into its own header map anyway).
-        return web.Response(
-            body=stored,
-            headers={
-                "ETag": f'"{tag}-gzip"',
-                "Cache-Control": cache_control(int(stored[GZIP_EXPIRES])),
-                "Vary": "Accept-Encoding",
-                "Content-Encoding": "gzip",
-                "Content-Type": JSON,
-            },
+        lines = b"".join(
+            (
+                b'ETag: "',
+                stored[GZIP_TAG],
+                b'-gzip"\r\nCache-Control: ',
+                cache_control(int(stored[GZIP_EXPIRES])).encode(),
+                _GZIP_TAIL,
+            )
         )
+        return stored, lines
     entry = unstamp(stored)
-    gzip = entry.gzip and accepts_gzip(request_headers.get("Accept-Encoding", ""))
+    gzip = entry.gzip and gzip_ok
     if entry.tag is None:
         headers = dict(_GZIP_HEADERS if gzip else _VARY)
         headers["Cache-Control"] = _UNKNOWN_FRESHNESS
     else:
         headers = _validators(entry, "-gzip" if gzip else "")
-        wanted = request_headers.get("If-None-Match")
-        if wanted is not None and matches(wanted, entry.tag):
-            return web.Response(status=304, headers=headers)
         if gzip:
             headers.update(_GZIP_HEADERS)
+    headers["Content-Type"] = JSON
     if gzip:
-        return web.Response(body=entry.payload, content_type=JSON, headers=headers)
-    body = decompress(stored) if entry.gzip else entry.payload
-    return web.Response(body=body, content_type=JSON, headers=headers)
-
-
-def _validators_of(tag: str, suffix: str, stored: bytes) -> dict[str, str]:
-    return {
-        "ETag": f'"{tag}{suffix}"',
-        "Cache-Control": cache_control(int(stored[GZIP_EXPIRES])),
-        "Vary": "Accept-Encoding",
-    }
+        return entry.payload, header_lines(headers)
+    return (decompress(stored) if entry.gzip else entry.payload), header_lines(headers)
 
 
 def _validators(entry: Stamp, suffix: str) -> dict[str, str]:
@@ -141,14 +140,14 @@ def _read_through_response(fetched: ReadThrough) -> web.Response:
     return web.Response(body=fetched.body, content_type=JSON, headers=headers)
 
 
-async def get_timeline(request: web.Request) -> web.Response:
+async def get_timeline(request: web.Request) -> web.StreamResponse:
     """GET /api/cache/{userId}, through the router (api.front_door takes it first)."""
     return await read_timeline(request, request.app, request.match_info["userId"])
 
 
 async def read_timeline(
     request: web.BaseRequest, app: web.Application, raw_user: str
-) -> web.Response:
+) -> web.StreamResponse:
     """The timeline read: hot, then warm, then one shared upstream fetch (read-through).
 
     `app` comes in explicitly: api.front_door calls this for requests that skipped the router.

@@ -216,6 +216,8 @@ class ApiClient:
         self.settings = settings
         # The running server's request handler (api.front_door.FrontDoor), once serving.
         self.server_handler: Any = None
+        # The running server's api.hot_read.HotReads (None without the front door).
+        self.hot_reads: Any = None
         self._app = app
 
     @property
@@ -277,6 +279,7 @@ async def serve_api(
             client = ApiClient(session, url, settings, app)
             assert runner.server is not None
             client.server_handler = runner.server.request_handler
+            client.hot_reads = getattr(runner.server, "hot_reads", None)
             yield client
     finally:
         await runner.cleanup()

@@ -29,20 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from api.access_log import ACCESS_LOGGER, access_logger_class
 from api.front_door import AppHandler, FrontDoor
+from api.hot_read import HotReads
 from api.responses import error_response, json_body_bytes
+from api.server.hot_path import HotPathHandler
+from api.server.limits import ServerLimits, connection_cap
 from engine.settings import Settings
 from engine.throttle import LogThrottle
 
@@ -52,10 +52,6 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 # Idle keep-alive connections are closed after this long (seconds): above the 60 s idle
 # timeout of common load balancers, so that they, not we, close idle connections first.
 KEEPALIVE_S: Final = 75.0
-# File descriptors kept free for everything but client connections: the upstream pool (200
-# connections), Redis, the listening socket, logs and Prometheus files.
-FD_RESERVE: Final = 256
-MIN_CONNECTIONS: Final = 16
 # The header deadline is enforced by a sweep every quarter of API_HEADER_TIMEOUT (at most
 # that much late), but not more often than every 50 ms.
 SWEEP_SHARE: Final = 0.25
@@ -77,14 +73,6 @@ _STATUS_CODES: Final = {
     503: "SERVICE_UNAVAILABLE",
     504: "GATEWAY_TIMEOUT",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    """The bounds one API process enforces on its clients."""
-
-    header_timeout_s: float
-    max_connections: int
 
 
 def raw_error(status: int, code: str, message: str, request_id: str) -> bytes:
@@ -113,13 +101,14 @@ def _brief(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text[:160]!r}"
 
 
-class EnvelopeHandler(RequestHandler):
-    """aiohttp's connection protocol, with a header deadline and enveloped error answers."""
+class EnvelopeHandler(HotPathHandler):
+    """aiohttp's connection protocol (with the hot reads taken off its loop: hot_path.py),
+    a header deadline and enveloped error answers."""
 
     __slots__ = ("_envelope_server", "_head_due", "_requests_at_arm")
 
     def __init__(self, manager: EnvelopeServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+        super().__init__(manager, hot_reads=manager.hot_reads, **kwargs)
         self._envelope_server = manager
         # Loop time by which the pending request head must be complete (None: nothing
         # pending); the server's sweep enforces it.
@@ -130,7 +119,12 @@ class EnvelopeHandler(RequestHandler):
     def idle(self) -> bool:
         """No request in progress: waiting for a request, or for the rest of its headers."""
         waiter = self._waiter
-        return waiter is not None and not waiter.done() and not self._request_in_progress
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._request_in_progress
+            and not self._hot_busy
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -162,7 +156,7 @@ class EnvelopeHandler(RequestHandler):
         self._head_due = None
         if self._request_count != self._requests_at_arm or self.transport is None:
             return False
-        return not self._request_in_progress
+        return not self._request_in_progress and not self._hot_busy
 
     def header_deadline_passed(self) -> None:
         """Answer 408 and close: the request head did not arrive in time."""
@@ -241,9 +235,12 @@ class EnvelopeHandler(RequestHandler):
 class EnvelopeServer(web.Server):
     """aiohttp's Server, making EnvelopeHandlers and keeping count of open connections."""
 
-    def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, limits: ServerLimits, hot_reads: HotReads | None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.hot_reads = hot_reads
         self.throttle = LogThrottle(log)
         # Open connections, oldest first (dicts keep insertion order).
         self._open: dict[EnvelopeHandler, None] = {}
@@ -315,11 +312,13 @@ class EnvelopeRunner(web.AppRunner):
         app: web.Application,
         limits: ServerLimits,
         front: Callable[[AppHandler], AppHandler] | None = None,
+        hot_reads: HotReads | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.limits = limits
         self._front = front
+        self._hot_reads = hot_reads
 
     async def _make_server(self) -> web.Server:
         # The app's startup runs here; its Server tells us the handler and kwargs it chose.
@@ -331,28 +330,9 @@ class EnvelopeRunner(web.AppRunner):
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
             limits=self.limits,
+            hot_reads=self._hot_reads,
             **base._kwargs,
         )
-
-
-def raise_file_limit() -> int:
-    """Raise the soft open-file limit to the hard one (as Go's runtime does); the new soft."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def connection_cap(wanted: int) -> int:
-    """`wanted`, lowered so that client connections cannot exhaust the open-file limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(MIN_CONNECTIONS, min(wanted, soft - FD_RESERVE))
 
 
 def make_runner(
@@ -369,6 +349,8 @@ def make_runner(
         limits,
         # GET /api/cache/{userId} before the router and middleware chain (api/front_door.py).
         front=partial(FrontDoor, app) if front_door else None,
+        # ... and, of those, the plain cached reads answered off aiohttp's loop (hot_read.py).
+        hot_reads=HotReads(app, settings.access_log_sample) if front_door else None,
         # aiohttp's public hook, called once a response is written (api/access_log.py): the
         # HTTP metrics always, and the access log line as ACCESS_LOG says.
         access_log_class=access_logger_class(settings.access_log_sample),

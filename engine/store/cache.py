@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import tracing
 from engine.settings import Settings
@@ -134,6 +134,14 @@ class TimelineCache:
         if stored is not None:
             return "warm", stored
         return None
+
+    def send_get(self, tier: str, user_id: str) -> asyncio.Future[Any] | None:
+        """The GET of the user's entry in `tier`, sent without waiting: the future of its raw
+        reply (bytes, None, or an error reply as a value). None when a read must go through
+        `read`: tracing, the local copy, or no live connection."""
+        if self._local is not None:
+            return None
+        return self._conn[tier].send_now(b"GET", keys.timeline(tier, user_id))
 
     async def _tracked_read(
         self, local: LocalCache, ticket: int, user_id: str

@@ -13,6 +13,7 @@ stays on `FastRedis` whatever the cache runs on.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -32,6 +33,11 @@ class RedisClient(Protocol):
 
     async def get(self, key: bytes | str) -> bytes | None:
         """GET."""
+        ...
+
+    def send_now(self, *args: Arg) -> asyncio.Future[Any] | None:
+        """One command sent without waiting: its raw reply's future (an error reply as a
+        value), or None when the client cannot (then `execute`)."""
         ...
 
     async def set(self, key: bytes | str, value: Arg, px: int | None = None) -> bool:

@@ -268,6 +268,10 @@ class ClusterRedis:
                 out.append(shape(reply))
         return out
 
+    def send_now(self, *args: Arg) -> asyncio.Future[Any] | None:
+        """None: a command here needs its slot's node, found by `execute`."""
+        return None
+
     async def get(self, key: bytes | str) -> bytes | None:
         """GET: the value, or None if the key does not exist."""
         return cast("bytes | None", await self._call((b"GET", key)))

@@ -294,6 +294,15 @@ class FastRedis:
             raise redis_reply_error(reply)
         return reply
 
+    def send_now(self, *args: Arg) -> asyncio.Future[Any] | None:
+        """Send one command on the live connection without waiting: the future of its raw
+        reply (an error reply as a RedisReplyError value, not raised). None when there is no
+        live connection or tracing is on: `execute` is the way then."""
+        conn = self._conn
+        if conn is None or conn.closed or tracing.tracer is not None:
+            return None
+        return conn.send(_pack_checked(args))
+
     async def _traced(self, reply_future: asyncio.Future[Any], args: Sequence[Arg]) -> Any:
         with tracing.redis_span((args,), self.address.db):
             reply = await reply_future
