@@ -112,7 +112,7 @@ class HotReads:
         remote: Callable[[], str | None],
     ) -> bool | asyncio.Future[Any]:
         """The GET came back: True when answered here, False when the app must answer, or
-        the future of the next tier's GET."""
+        the future of the next tier's GET. Raises only before anything was written."""
         if reply.cancelled() or reply.exception() is not None:
             return False
         stored = reply.result()
@@ -124,13 +124,15 @@ class HotReads:
             return False  # a miss: the app reads through
         if not isinstance(stored, bytes):  # an error reply: the app answers it
             return False
+        # Built first: an entry that cannot be answered (a corrupt gzip member for a plain
+        # client) raises here, before anything is counted, and the app answers it.
+        body, lines = timeline_answer(stored, read.gzip_ok)
+        lines += b"X-Request-Id: %s\r\n" % read.request_id.encode()
         tier = _TIERS[read.tier]
         app = self._app
         app[RUNTIME].stats.hit(tier)
         http_metrics.cache_hit(tier)
         app[ACTIVITY].add(read.user, tier)
-        body, lines = timeline_answer(stored, read.gzip_ok)
-        lines += b"X-Request-Id: %s\r\n" % read.request_id.encode()
         send(transport, whole_head(OK_STATUS, lines, len(body)), body)
         record(
             ACCESS_LOGGER,

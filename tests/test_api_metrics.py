@@ -101,11 +101,12 @@ def test_activity_is_taken_all_or_none_and_a_full_buffer_is_busy(
 async def test_reported_activity_reaches_redis(
     api: ApiClient, redis_roles: dict[str, FastRedis]
 ) -> None:
-    users = [new_user(), new_user()]
+    # More users than one slice of a flush (api.activity.FLUSH_SLICE): each slice must land.
+    users = [new_user() for _ in range(2 * activity.FLUSH_SLICE + 45)]
     started_ms = int(time.time() * 1000)
     reply = await api.call("POST", "/api/activity", json={"userIds": [users[0].upper(), *users]})
     assert reply.status == 202
-    assert reply.body == {"success": True, "data": {"recorded": 2}}
+    assert reply.body == {"success": True, "data": {"recorded": len(users)}}
     metrics = redis_roles["metrics"]
 
     def last_active(user: str) -> Any:

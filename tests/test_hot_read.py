@@ -147,3 +147,25 @@ async def test_requests_behind_a_taken_read_are_answered_after_it(
     assert [code for code, _ in answers] == [200, 401, 200]
     assert answers[0][1] != answers[2][1]  # two users' timelines, in the order asked
     assert door.hot_reads.answered == answered + 1  # the first, which the others waited for
+
+
+async def test_an_entry_the_hot_path_cannot_answer_gets_the_apps_answer(
+    door_and_router: tuple[ApiClient, ApiClient], redis_roles: dict[str, FastRedis]
+) -> None:
+    door, router = door_and_router
+    user = new_user()
+    assert (await door.call("GET", f"/api/cache/{user}")).status == 200  # the token remembered
+    # A gzip member that does not decompress, for a client that needs it decompressed.
+    corrupt = b"\x1f\x8b\x08\x00" + b"\x00" * 6 + b"not deflate at all" + b"\x00" * 8
+    await redis_roles["hot"].set(keys.timeline("hot", user), corrupt, px=60_000)
+    answered = door.hot_reads.answered
+    plain = {"Accept-Encoding": "identity"}
+    hot = await door.call("GET", f"/api/cache/{user}", headers=plain)
+    app = await router.call("GET", f"/api/cache/{user}", headers=plain)
+    assert (hot.status, hot.body) == (app.status, app.body)
+    assert hot.status == 500 and hot.body["error"] == "INTERNAL_ERROR"
+    assert door.hot_reads.answered == answered
+    # The connection still serves: the next read (a good entry again) is answered off the loop.
+    await redis_roles["hot"].delete(keys.timeline("hot", user))
+    assert (await door.call("GET", f"/api/cache/{user}", headers=plain)).status == 200
+    assert door.hot_reads.answered == answered + 1

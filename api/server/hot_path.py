@@ -25,6 +25,7 @@ module): RequestHandler's `_waiter`, `_messages`, `_parser`, `_upgraded`,
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import partial
 from typing import Any, Final
 
@@ -33,6 +34,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from api.hot_read import HotRead, HotReads
+
+log = logging.getLogger("api.server")
 
 # Bytes held for a connection while its taken read is answered, past which reading pauses.
 HOLD_LIMIT: Final = 64 * 1024
@@ -79,7 +82,12 @@ class HotPathHandler(RequestHandler):
             super().data_received(data)
         finally:
             self._waiter = waiter
-        if not self._take(reads) and self._messages and not waiter.done():
+        try:
+            taken = self._take(reads)
+        except Exception:  # a bug of ours must not strand the request: the app answers it
+            log.exception("hot read: could not take a request; the app answers it")
+            taken = False
+        if not taken and self._messages and not waiter.done():
             waiter.set_result(None)
 
     def _take(self, reads: HotReads) -> bool:
@@ -116,7 +124,10 @@ class HotPathHandler(RequestHandler):
                 reply.exception()  # retrieved: the connection is gone, nobody will answer
             self._finish()
             return
-        outcome = reads.landed(read, reply, transport, self._remote)
+        try:
+            outcome = reads.landed(read, reply, transport, self._remote)
+        except Exception:  # nothing written yet: the app answers (and logs) what failed here
+            outcome = False
         if isinstance(outcome, asyncio.Future):  # the next tier is being asked
             outcome.add_done_callback(partial(self._landed, reads, read, message, payload))
             return
