@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
+from api import create_app
+from api.server import make_runner
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
@@ -169,3 +172,41 @@ async def test_an_entry_the_hot_path_cannot_answer_gets_the_apps_answer(
     await redis_roles["hot"].delete(keys.timeline("hot", user))
     assert (await door.call("GET", f"/api/cache/{user}", headers=plain)).status == 200
     assert door.hot_reads.answered == answered + 1
+
+
+async def test_a_shutdown_waits_for_a_taken_read(redis_url: str, settings: Settings) -> None:
+    user = new_user()
+    app = create_app(settings)
+    runner = make_runner(app, settings)
+    await runner.setup()
+    cleaned = False
+    admin = FastRedis(redis_url, settings.db_hot)
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"GET /api/cache/{user} HTTP/1.1\r\nHost: t\r\n"
+        head += f"Authorization: Bearer {SERVICE_TOKEN}\r\nAccept-Encoding: gzip\r\n\r\n"
+        writer.write(head.encode())  # read through: the token's verdict is remembered
+        await writer.drain()
+        assert (await _answers(reader, 1))[0][0] == 200
+        hot_reads = getattr(runner.server, "hot_reads", None)
+        assert hot_reads is not None
+        answered = hot_reads.answered
+        # The next read is taken and held in Redis while the server shuts down.
+        await admin.execute("CLIENT", "PAUSE", "300", "ALL")
+        writer.write(head.encode())
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        cleaned = True
+        shutdown = asyncio.create_task(runner.cleanup())
+        answers = await asyncio.wait_for(_answers(reader, 1), 10)
+        await shutdown
+        writer.close()
+    finally:
+        if not cleaned:
+            await runner.cleanup()
+        await admin.close()
+    assert answers[0][0] == 200
+    assert hot_reads.answered == answered + 1
