@@ -13,7 +13,8 @@ response whole took 25-32 µs per request against 36-62 µs for the `web.Respons
 on `headers` after construction (the envelope's X-Request-Id) are written too. The head is
 what aiohttp would write for the same response: the request's HTTP version, Date, Server,
 Content-Length, and Connection when the version's default does not hold; a HEAD gets the
-head alone. tests/test_raw_response.py compares both over real connections.
+head alone. tests/test_raw_response.py checks HEAD, HTTP/1.0 and `Connection: close` over
+real connections.
 """
 
 from __future__ import annotations
