@@ -27,7 +27,7 @@ from typing import Final
 
 from api import http_metrics
 from engine import wire
-from engine.errors import AuthError, CAUnavailable, Forbidden
+from engine.errors import AuthError, CAUnavailable, Forbidden, PrefetchError
 from engine.upstream import CAClient
 
 INVALID_TTL_S: Final = 5.0
@@ -76,6 +76,22 @@ def cache_key(token: str) -> str | bytes:
     if len(token) <= MAX_RAW_KEY:
         return token
     return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def _refusal(grant: Grant, permission: str, user_id: str | None) -> PrefetchError | None:
+    """Why `grant` does not admit `permission` on the route's user `user_id` (see
+    `Authenticator.authorize`), or None when it does."""
+    if not grant.valid:
+        return AuthError(f"Token rejected: {grant.reason}", code="INVALID_TOKEN")
+    if permission not in grant.permissions:
+        return Forbidden(
+            f"Token lacks the {permission} permission", code="INSUFFICIENT_PERMISSIONS"
+        )
+    if grant.user_id is not None and grant.user_id != user_id:
+        if user_id is None:
+            return Forbidden(USER_TOKEN_REFUSED, code="ACCESS_DENIED")
+        return Forbidden("A user token may only access its own user", code="ACCESS_DENIED")
+    return None
 
 
 def _malformed(why: str) -> CAUnavailable:
@@ -155,16 +171,9 @@ class Authenticator:
         else:
             http_metrics.auth_hit()
             self._cache.move_to_end(key)
-        if not grant.valid:
-            raise AuthError(f"Token rejected: {grant.reason}", code="INVALID_TOKEN")
-        if permission not in grant.permissions:
-            raise Forbidden(
-                f"Token lacks the {permission} permission", code="INSUFFICIENT_PERMISSIONS"
-            )
-        if grant.user_id is not None and grant.user_id != user_id:
-            if user_id is None:
-                raise Forbidden(USER_TOKEN_REFUSED, code="ACCESS_DENIED")
-            raise Forbidden("A user token may only access its own user", code="ACCESS_DENIED")
+        refusal = _refusal(grant, permission, user_id)
+        if refusal is not None:
+            raise refusal
         return grant
 
     def allows(self, header: str | None, permission: str, user_id: str) -> bool:
@@ -173,17 +182,16 @@ class Authenticator:
         token = self._tokens.get(header) if header is not None else None
         if token is None:
             return False
-        grant = self._cache.get(cache_key(token))
+        key = cache_key(token)
+        grant = self._cache.get(key)
         if (
             grant is None
             or grant.deadline <= time.monotonic()
-            or not grant.valid
-            or permission not in grant.permissions
-            or (grant.user_id is not None and grant.user_id != user_id)
+            or _refusal(grant, permission, user_id) is not None
         ):
             return False
         http_metrics.auth_hit()
-        self._cache.move_to_end(cache_key(token))
+        self._cache.move_to_end(key)
         return True
 
     async def _validate(self, key: str | bytes, token: str) -> Grant:
