@@ -31,14 +31,13 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
 
-from api import http_metrics
 from api.access_log import ACCESS_LOGGER, record
-from api.appkeys import ACTIVITY, AUTH, RUNTIME
+from api.appkeys import AUTH, RUNTIME
 from api.front_door import PREFIX
 from api.middlewares import request_id_from
 from api.raw_response import OK_STATUS, send, whole_head
 from api.validation import UUID_LENGTH, user_id
-from api.views_cache import TIMELINE_ROUTE, accepts_gzip, timeline_answer
+from api.views_cache import TIMELINE_ROUTE, accepts_gzip, count_hit, timeline_answer
 from engine import tracing
 from engine.errors import PrefetchError
 
@@ -61,12 +60,13 @@ class HotRead:
 class HotReads:
     """The plain case of GET /api/cache/{userId}, for api.server's connections."""
 
-    __slots__ = ("_app", "_sample", "answered")
+    __slots__ = ("_app", "_sample", "answered", "taken")
 
     def __init__(self, app: web.Application, access_sample: float) -> None:
         self._app = app
         self._sample = access_sample
-        self.answered = 0  # reads answered here (tests and benches look)
+        self.taken = 0  # reads taken off aiohttp's loop (tests and benches look)
+        self.answered = 0  # of those, answered here
 
     def accept(self, message: RawRequestMessage) -> HotRead | None:
         """The read to answer here, or None: the app answers `message`."""
@@ -128,11 +128,7 @@ class HotReads:
         # client) raises here, before anything is counted, and the app answers it.
         body, lines = timeline_answer(stored, read.gzip_ok)
         lines += b"X-Request-Id: %s\r\n" % read.request_id.encode()
-        tier = _TIERS[read.tier]
-        app = self._app
-        app[RUNTIME].stats.hit(tier)
-        http_metrics.cache_hit(tier)
-        app[ACTIVITY].add(read.user, tier)
+        count_hit(self._app, read.user, _TIERS[read.tier])
         send(transport, whole_head(OK_STATUS, lines, len(body)), body)
         record(
             ACCESS_LOGGER,

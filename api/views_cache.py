@@ -132,6 +132,14 @@ def _validators(entry: Stamp, suffix: str) -> dict[str, str]:
     }
 
 
+def count_hit(app: web.Application, user: str, tier: str) -> None:
+    """Count a read served from `tier`: the hit statistics, the HTTP metrics (tallied,
+    published once a second) and the activity batch, which also learns the tier."""
+    app[RUNTIME].stats.hit(tier)
+    http_metrics.cache_hit(tier)
+    app[ACTIVITY].add(user, tier)
+
+
 def _read_through_response(fetched: ReadThrough) -> web.Response:
     """The read-through's plain JSON, with the validators of the entry stored from it."""
     headers = {"Cache-Control": cache_control(fetched.expires_at)}
@@ -158,10 +166,8 @@ async def read_timeline(
     found = await runtime.cache.read(user)
     if found is not None:
         tier, stored = found
-        runtime.stats.hit(tier)
-        http_metrics.cache_hit(tier)  # tallied; published once a second
+        count_hit(app, user, tier)
         request[READ_RESULT] = "hit"
-        app[ACTIVITY].add(user, tier)
         return _timeline_response(request, stored)
     runtime.stats.miss()
     http_metrics.cache_miss()

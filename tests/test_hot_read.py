@@ -21,7 +21,7 @@ from api.server import make_runner
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
-from tests.conftest import SERVICE_TOKEN, ApiClient, Reply, new_user, serve_api
+from tests.conftest import SERVICE_TOKEN, ApiClient, Reply, eventually, new_user, serve_api
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,6 +102,10 @@ async def test_what_the_hot_path_declines_the_app_answers(
     assert door.hot_reads.answered == answered + 1
 
 
+async def _more(now: int, before: int) -> bool:
+    return now > before
+
+
 async def _answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
     """`count` HTTP/1.1 answers off one connection: (status, body)."""
     out = []
@@ -132,14 +136,14 @@ async def test_requests_behind_a_taken_read_are_answered_after_it(
 
     admin = FastRedis(redis_url, settings.db_hot)
     try:
-        answered = door.hot_reads.answered
-        # Redis holds every client's commands for 300 ms: the first read stays in flight while
-        # the next two arrive: a read without a token, which the app answers without Redis
-        # (401), and a cacheOnly read, which the hot path leaves to the app.
-        await admin.execute("CLIENT", "PAUSE", "300", "ALL")
+        answered, taken = door.hot_reads.answered, door.hot_reads.taken
+        # Redis holds every client's commands for a second: the first read stays in flight
+        # while the next two arrive: a read without a token, which the app answers without
+        # Redis (401), and a cacheOnly read, which the hot path leaves to the app.
+        await admin.execute("CLIENT", "PAUSE", "1000", "ALL")
         writer.write(read(first))
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: _more(door.hot_reads.taken, taken))
         tokenless = f"GET /api/cache/{second} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
         writer.write(tokenless + read(second, "?cacheOnly=true"))
         await writer.drain()
@@ -195,10 +199,11 @@ async def test_a_shutdown_waits_for_a_taken_read(redis_url: str, settings: Setti
         assert hot_reads is not None
         answered = hot_reads.answered
         # The next read is taken and held in Redis while the server shuts down.
-        await admin.execute("CLIENT", "PAUSE", "300", "ALL")
+        taken = hot_reads.taken
+        await admin.execute("CLIENT", "PAUSE", "1000", "ALL")
         writer.write(head.encode())
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: _more(hot_reads.taken, taken))
         cleaned = True
         shutdown = asyncio.create_task(runner.cleanup())
         answers = await asyncio.wait_for(_answers(reader, 1), 10)

@@ -3,11 +3,11 @@
 aiohttp answers what happens before a request reaches the app (its request parser, idle
 connections) on its own: a text/plain 400 that echoes the malformed input, a traceback per
 bad request in the log, no deadline on a request's headers, and no bound on connections. Its
-one public hook for that is none, so this module, and only this module, leans on aiohttp's
-internals (web_protocol.RequestHandler and its log_access, web_server.Server,
-AppRunner._make_server). The
-aiohttp minor version is pinned in pyproject.toml and tests/test_api_server.py checks every
-assumption made here, so an upgrade fails loudly instead of quietly losing the limits.
+one public hook for that is none, so this module leans on aiohttp's internals
+(web_protocol.RequestHandler and its log_access, web_server.Server, AppRunner._make_server),
+as hot_path.py beside it does; nothing outside this package does. The aiohttp minor version
+is pinned in pyproject.toml and tests/test_api_server.py checks every assumption made here,
+so an upgrade fails loudly instead of quietly losing the limits.
 
 What the server adds, per API process:
 - a response's body (and the request's) is let go once it is written, not kept until the

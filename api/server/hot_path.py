@@ -105,6 +105,7 @@ class HotPathHandler(RequestHandler):
         if reply is None:
             return False
         messages.popleft()
+        reads.taken += 1
         self._hot_busy = True
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         reply.add_done_callback(partial(self._landed, reads, read, message, payload))
