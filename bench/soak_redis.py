@@ -14,7 +14,7 @@ from pathlib import Path
 import redis as redis_py
 
 from bench.common import free_port
-from prefetch.embedded import server_binary
+from prefetch.embedded import server_argv
 
 
 class CrashableRedis:
@@ -34,21 +34,9 @@ class CrashableRedis:
         self.starts += 1
         log = (self.directory / f"redis-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
-            [
-                server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ],
+            server_argv(
+                self.port, self.directory, "--appendonly", "yes", "--appendfsync", "always"
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

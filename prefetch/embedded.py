@@ -29,6 +29,23 @@ def server_binary() -> str:
     return str(get_binary_path())
 
 
+def server_argv(port: int, directory: object, *options: str) -> list[str]:
+    """The command line of a private server on 127.0.0.1:`port`, its files in `directory`,
+    no RDB snapshots; `options` follow (an AOF, a password...)."""
+    return [
+        server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        *options,
+    ]
+
+
 class EmbeddedRedis:
     """Start a private Valkey on a free loopback port; stop it on exit."""
 

@@ -37,7 +37,7 @@ from engine.broker.rabbit_broker import all_queues
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis, Script
-from prefetch.embedded import server_binary
+from prefetch.embedded import server_argv
 from sandbox import SandboxServer, SandboxSettings
 
 DB_HOT, DB_WARM, DB_QUEUE, DB_METRICS = 8, 9, 14, 15
@@ -516,18 +516,7 @@ class PrivateRedis:
         self.starts += 1
         log = (self.directory / f"redis-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(  # noqa: ASYNC220 (a fork-exec: it does not wait)
-            [
-                server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                *self.options,
-            ],
+            server_argv(self.port, self.directory, *self.options),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
