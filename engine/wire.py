@@ -16,18 +16,25 @@ class Post(msgspec.Struct, kw_only=True, gc=False):
 
     gc=False: decoded posts cannot form reference cycles, and leaving 100 of them per job out
     of the cyclic GC cut decoding by about 15% (tuning.md).
+
+    `media` (an array) and `metadata` (an object) are the timeline service's free-form JSON,
+    which the cache carries and never reads: they are kept as msgspec.Raw, checked to be
+    well-formed JSON and stored byte for byte as the service sent them. Decoding them into
+    lists and dicts cost a third of the decode and three GC-tracked containers per post,
+    which set off a young collection every job or two in a worker (tuning.md, "Garbage
+    collection in the workers").
     """
 
     id: str
     userId: str
     content: str
     contentType: str
-    media: list[Any] = []
+    media: msgspec.Raw = msgspec.Raw(b"[]")
     visibility: str
     likeCount: int = 0
     commentCount: int = 0
     repostCount: int = 0
-    metadata: dict[str, Any] = {}
+    metadata: msgspec.Raw = msgspec.Raw(b"{}")
     blueskyUri: str | None = None
     blueskyDid: str | None = None
     blueskyRkey: str | None = None

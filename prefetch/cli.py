@@ -166,19 +166,15 @@ def run_api(settings: Settings) -> int:
     return _wait_children(pids, settings.metrics_dir)
 
 
-# The API's generation-0 collection threshold (objects); see _serve_api.
-YOUNG_GC_THRESHOLD = 10_000
-
-
 def _serve_api(settings: Settings) -> int:
     import asyncio
-    import gc
 
     import uvloop
     from aiohttp import web
 
     from api import create_app
     from api.server import make_runner, raise_file_limit
+    from engine.process import settle_heap
 
     # Before the runner sizes its connection limit on it.
     raise_file_limit()
@@ -200,16 +196,7 @@ def _serve_api(settings: Settings) -> int:
             settings.service_port,
             runner.limits.max_connections,
         )
-        # Everything alive now (modules, the app, its Runtime, the contract document) lives as
-        # long as the process: out of every future collection. Each full collection otherwise
-        # rescanned ~70,000 objects, a pause of ~80 ms under load that set the reads' p99
-        # (tuning.md, "Cached reads"), as gc.freeze() after boot does for the workers.
-        gc.freeze()
-        # A read leaves no cyclic garbage (5 objects found in a 200,000-read run), yet the
-        # default threshold (700) ran ~1,900 young collections per such run, 0.3 s for
-        # nothing: the objects of requests in flight cross it. 10,000 lies above them; cyclic
-        # garbage (an error's traceback) waits for at most that many new objects.
-        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+        settle_heap()  # the app, its Runtime and the contract document stay for good
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

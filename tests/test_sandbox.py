@@ -123,11 +123,12 @@ async def test_posts_are_deterministic_and_typed(
         assert post.visibility in ("public", "followers", "private")
         assert ISO_MS.fullmatch(post.createdAt) and ISO_MS.fullmatch(post.updatedAt)
         assert post.updatedAt >= post.createdAt
-        assert isinstance(post.metadata["tags"], list)
+        assert isinstance(msgspec.json.decode(post.metadata)["tags"], list)
         assert min(post.likeCount, post.commentCount, post.repostCount) >= 0
         assert (post.blueskyUri is not None) == post.syncedToBluesky
         if post.contentType in ("image", "video"):
-            assert post.media and post.media[0]["type"] == post.contentType
+            media = msgspec.json.decode(post.media)
+            assert media and media[0]["type"] == post.contentType
     created = [post.createdAt for post in page.posts]
     assert created == sorted(created, reverse=True)
     # Every field of the Appendix shape is on the wire, bluesky ones included even when null.

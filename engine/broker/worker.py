@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import signal
@@ -31,7 +30,7 @@ from engine.broker.rabbit_broker import PrefetchRabbitBroker, RabbitConsumer, ma
 from engine.broker.rabbit_settle import RabbitSettler
 from engine.broker.reclaim import Reclaimer
 from engine.metrics import prometheus, tally
-from engine.process import set_title
+from engine.process import set_title, settle_heap
 from engine.runtime import open_runtime, queue_client
 from engine.settings import Settings
 
@@ -157,9 +156,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         if isinstance(settler, RedisSettler):
             reclaimer = Reclaimer(broker_id, queue, worker, executor)
             sweeping = asyncio.create_task(reclaimer.run(), name="reclaim-stranded")
-        # Everything alive now (modules, the Runtime) lives as long as the process: keep it
-        # out of every future collection, which otherwise rescans it while jobs churn objects.
-        gc.freeze()
+        settle_heap()
         publishing = asyncio.create_task(_publish_metrics(executor), name="job-metrics")
         log.info("worker %d up (%s), %d jobs in flight", index, broker_id, settings.job_concurrency)
         code = await _watch(worker, stop)
