@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +44,7 @@ from bench.common import (
     save_result,
     start_sandbox,
 )
+from bench.prefetch_run import Run, summary
 from bench.procfs import cpu_seconds, memory_kb, system_busy_seconds
 
 PEER_DIR = ROOT / "bench" / "peers" / "bullmq"
@@ -54,29 +54,6 @@ NPM_TIMEOUT_S = 300
 READY_TIMEOUT_S = 90
 POLL_S = 0.05
 STALL_S = 30.0
-
-
-@dataclass
-class PeerRun:
-    """One measured round of the peer."""
-
-    latency_ms: int
-    jobs: int
-    done: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    cpu_s: dict[str, float] = field(default_factory=dict)
-    peak_rss_mb: list[float] = field(default_factory=list)
-    other_cpu_pct: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def jobs_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds else 0.0
-
-    def cpu_us_per_job(self, role: str) -> float | None:
-        used = self.cpu_s.get(role)
-        return None if used is None or not self.done else used / self.done * 1e6
 
 
 def install(target: Path) -> str | None:
@@ -156,9 +133,9 @@ def _dbsize(client: redis.Redis) -> int:
     return int(client.dbsize())
 
 
-def run_round(project: Path, redis_url: str, latency_ms: int, args: argparse.Namespace) -> PeerRun:
+def run_round(project: Path, redis_url: str, latency_ms: int, args: argparse.Namespace) -> Run:
     """One round on a fresh sandbox: start, warm up, enqueue, go, wait, measure, stop."""
-    run = PeerRun(latency_ms, args.jobs)
+    run = Run(f"BullMQ, {latency_ms} ms", jobs=args.jobs)
     entries = redis.Redis.from_url(redis_url, db=ENTRIES_DB)
     queue_db = redis.Redis.from_url(redis_url, db=QUEUE_DB)
     entries.flushdb()
@@ -222,9 +199,7 @@ def run_round(project: Path, redis_url: str, latency_ms: int, args: argparse.Nam
             busy = system_busy_seconds() - busy0
             run.cpu_s = {r: sum(cpu_seconds(p) for p in roles[r]) - before[r] for r in before}
             run.cpu_s["bench"] = time.process_time() - self0
-            if run.seconds:
-                ours = sum(run.cpu_s.values())
-                run.other_cpu_pct = max(0.0, 100 * (busy - ours) / run.seconds)
+            run.account_others(busy)
             run.peak_rss_mb = [memory_kb(w.pid, "VmHWM") / 1024 for w in workers]
             run.failed = int(queue_db.zcard("bull:prefetch-peer:failed"))
         finally:
@@ -243,60 +218,86 @@ def run_round(project: Path, redis_url: str, latency_ms: int, args: argparse.Nam
     return run
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else 0.0
+class Peer:
+    """The peer, installed once, with its own Valkey: `with Peer() as peer: peer.round(...)`.
 
+    `skipped` holds the reason when it cannot run (no node/npm, a failed install); rounds are
+    then not run. The harness interleaves the peer's rounds with the engine's (bench/harness.py).
+    """
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Install the peer and run it at every latency; {"skipped": reason} when it cannot run."""
-    from prefetch.embedded import EmbeddedRedis
+    def __init__(self) -> None:
+        self.skipped: str | None = None
+        self.versions: dict[str, str] = {}
+        self.node = ""
+        self._stack = contextlib.ExitStack()
+        self._project = Path()
+        self._url = ""
 
-    with tempfile.TemporaryDirectory(prefix="prefetch-bullmq-") as tmp:
-        project = Path(tmp)
-        print(f"BullMQ peer: npm install in {project} ...")
-        reason = install(project)
-        if reason is not None:
-            print(f"  ! BullMQ peer skipped: {reason}")
-            return {"skipped": reason}
-        versions = {name: _installed_version(project, name) for name in ("bullmq", "ioredis")}
-        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
-        cells: list[dict[str, Any]] = []
-        with EmbeddedRedis() as server:
+    def __enter__(self) -> Peer:
+        from prefetch.embedded import EmbeddedRedis
+
+        try:
+            self._project = Path(
+                self._stack.enter_context(tempfile.TemporaryDirectory(prefix="prefetch-bullmq-"))
+            )
+            print(f"BullMQ peer: npm install in {self._project} ...")
+            self.skipped = install(self._project)
+            if self.skipped is not None:
+                print(f"  ! BullMQ peer skipped: {self.skipped}")
+                return self
+            self.versions = {n: _installed_version(self._project, n) for n in ("bullmq", "ioredis")}
+            node = subprocess.run(["node", "--version"], capture_output=True, text=True)
+            self.node = node.stdout.strip()
+            server = self._stack.enter_context(EmbeddedRedis())
             client = redis.Redis.from_url(server.url)
             client.config_set("maxmemory-policy", "noeviction")
             client.close()
-            for latency in args.latency_ms:
-                rounds: list[PeerRun] = []
-                for n in range(args.rounds):
-                    print(f"--- BullMQ, {latency} ms, round {n + 1}/{args.rounds}")
-                    one = run_round(project, server.url, latency, args)
-                    print(
-                        f"  {one.done}/{one.jobs} in {one.seconds:.2f}s: {one.jobs_per_s:.0f} "
-                        f"jobs/s, worker CPU {one.cpu_us_per_job('workers') or 0:.0f} µs/job"
+            self._url = server.url
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def round(self, latency_ms: int, args: argparse.Namespace, label: str) -> Run:
+        """One measured round at this upstream latency, printed as it ends."""
+        print(f"--- BullMQ, {latency_ms} ms, {label}")
+        one = run_round(self._project, self._url, latency_ms, args)
+        print(
+            f"  {one.done}/{one.jobs} in {one.seconds:.2f}s: {one.jobs_per_s:.0f} "
+            f"jobs/s, worker CPU {one.cpu_us_per_job('workers') or 0:.0f} µs/job"
+        )
+        return one
+
+    def result(self, args: argparse.Namespace, rounds: dict[int, list[Run]]) -> dict[str, Any]:
+        """The peer's part of a result: a cell of medians per latency."""
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        cells = [{"latency_ms": lat} | summary(runs) for lat, runs in rounds.items() if runs]
+        return {
+            "peer": "bullmq",
+            "versions": self.versions,
+            "node": self.node,
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "jobs": args.jobs,
+            "cells": cells,
+        }
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Install the peer and run `--rounds` rounds of every latency, latencies alternating."""
+    rounds: dict[int, list[Run]] = {latency: [] for latency in args.latency_ms}
+    with Peer() as peer:
+        if peer.skipped is None:
+            for n in range(args.rounds):
+                for latency in args.latency_ms:
+                    rounds[latency].append(
+                        peer.round(latency, args, f"round {n + 1}/{args.rounds}")
                     )
-                    rounds.append(one)
-                cells.append(
-                    {
-                        "latency_ms": latency,
-                        "jobs_per_s": _median([r.jobs_per_s for r in rounds]),
-                        "worker_cpu_us_per_job": _median(
-                            [r.cpu_us_per_job("workers") or 0.0 for r in rounds]
-                        ),
-                        "peak_rss_mb": _median([max(r.peak_rss_mb or [0.0]) for r in rounds]),
-                        "other_cpu_pct": _median([r.other_cpu_pct for r in rounds]),
-                        "rounds": [asdict(r) | {"jobs_per_s": r.jobs_per_s} for r in rounds],
-                    }
-                )
-    return {
-        "peer": "bullmq",
-        "versions": versions,
-        "node": node.strip(),
-        "workers": args.workers,
-        "concurrency": args.concurrency,
-        "jobs": args.jobs,
-        "cells": cells,
-    }
+        return peer.result(args, rounds)
 
 
 def _installed_version(project: Path, package: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -45,7 +46,7 @@ from bench.common import (
 )
 from bench.prefetch_baseline import run_baseline
 from bench.prefetch_engine import run_engine
-from bench.prefetch_run import Run
+from bench.prefetch_run import Run, summary
 
 
 def report(args: argparse.Namespace, runs: list[Run]) -> None:
@@ -109,43 +110,44 @@ def run_once(args: argparse.Namespace) -> tuple[list[Run], str]:
     return runs, str(logs)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else 0.0
-
-
-def matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
+def matrix(
+    args: argparse.Namespace, between: Callable[[int, int], None] | None = None
+) -> list[dict[str, Any]]:
     """single and batch at each of `args.latencies` (0 and 50 ms), `--rounds` rounds each:
-    one cell of medians (engine, baseline, their ratios) per mode and latency."""
-    cells: list[dict[str, Any]] = []
-    for mode in ("single", "batch"):
-        for latency in getattr(args, "latencies", None) or (0, 50):
-            rounds: list[list[Run]] = []
-            for n in range(args.rounds):
+    one cell of medians (engine, baseline, their ratios) per mode and latency.
+
+    Rounds come first: round 1 of every cell, then round 2, and so on, so that a machine whose
+    speed drifts over the minutes of a matrix slows every cell alike. `between(round,
+    latency)`, when given, runs after both modes of a latency in each round: the harness runs
+    the BullMQ peer's round there, beside the engine's (bench/harness.py).
+    """
+    latencies = getattr(args, "latencies", None) or (0, 50)
+    modes = ("single", "batch")
+    rounds: dict[tuple[str, int], list[list[Run]]] = {
+        (m, lat): [] for m in modes for lat in latencies
+    }
+    for n in range(args.rounds):
+        for latency in latencies:
+            for mode in modes:
                 print(f"--- {mode}, {latency} ms, round {n + 1}/{args.rounds}")
                 one = argparse.Namespace(**{**vars(args), "mode": mode, "latency_ms": latency})
-                rounds.append(run_once(one)[0])
-            cell: dict[str, Any] = {"mode": mode, "latency_ms": latency}
-            for i, label in enumerate(("engine", "baseline")):
-                runs = [r[i] for r in rounds if len(r) > i]
-                if not runs:
-                    continue
-                cell[label] = {
-                    "jobs_per_s": _median([r.jobs_per_s for r in runs]),
-                    "worker_cpu_us_per_job": _median(
-                        [r.cpu_us_per_job("workers") or 0.0 for r in runs]
-                    ),
-                    "peak_rss_mb": _median([max(r.peak_rss_mb or [0.0]) for r in runs]),
-                    "other_cpu_pct": _median([r.other_cpu_pct for r in runs]),
-                    "rounds": [asdict(r) | {"jobs_per_s": r.jobs_per_s} for r in runs],
-                }
-            if "baseline" in cell:
-                engine_cpu = cell["engine"]["worker_cpu_us_per_job"]
-                base_cpu = cell["baseline"]["worker_cpu_us_per_job"]
-                cell["cpu_ratio"] = engine_cpu / base_cpu if base_cpu else None
-                base_rate = cell["baseline"]["jobs_per_s"]
-                cell["rate_ratio"] = cell["engine"]["jobs_per_s"] / base_rate if base_rate else None
-            cells.append(cell)
+                rounds[mode, latency].append(run_once(one)[0])
+            if between is not None:
+                between(n, latency)
+    cells: list[dict[str, Any]] = []
+    for (mode, latency), done in rounds.items():
+        cell: dict[str, Any] = {"mode": mode, "latency_ms": latency}
+        for i, label in enumerate(("engine", "baseline")):
+            runs = [r[i] for r in done if len(r) > i]
+            if runs:
+                cell[label] = summary(runs)
+        if "baseline" in cell:
+            engine_cpu = cell["engine"]["worker_cpu_us_per_job"]
+            base_cpu = cell["baseline"]["worker_cpu_us_per_job"]
+            cell["cpu_ratio"] = engine_cpu / base_cpu if base_cpu else None
+            base_rate = cell["baseline"]["jobs_per_s"]
+            cell["rate_ratio"] = cell["engine"]["jobs_per_s"] / base_rate if base_rate else None
+        cells.append(cell)
     return cells
 
 

@@ -7,7 +7,8 @@ Parts (`--parts`, all by default, in this order):
               (bench_reads);
 - prefetch:   single and batch messages at 0 and 50 ms upstream, the engine beside a plain
               asyncio loop doing the same work, jobs enqueued first (bench_prefetch matrix);
-- peers:      BullMQ on Node doing the same work (bench_peers);
+- peers:      BullMQ on Node doing the same work (bench_peers); with prefetch chosen too,
+              its rounds run between the engine's, so that both see the same machine;
 - tick:       one strategy scheduler tick, first and second (bench_tick).
 
 Writes `bench/results/bench-<timestamp>/result.json` and one PNG per chart beside it, prints
@@ -21,6 +22,7 @@ says how much else ran meanwhile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -91,10 +93,8 @@ def run_reads(sizes: dict[str, Any], url: str) -> dict[str, Any]:
     }
 
 
-def run_prefetch(sizes: dict[str, Any], url: str) -> dict[str, Any]:
-    from bench import bench_prefetch
-
-    args = argparse.Namespace(
+def _prefetch_args(sizes: dict[str, Any], url: str) -> argparse.Namespace:
+    return argparse.Namespace(
         jobs=sizes["jobs"],
         rounds=sizes["rounds"],
         latencies=(0, 50),
@@ -109,15 +109,10 @@ def run_prefetch(sizes: dict[str, Any], url: str) -> dict[str, Any]:
         mode="single",
         latency_ms=0,
     )
-    cells = bench_prefetch.matrix(args)
-    bench_prefetch.print_matrix(args, cells)
-    return {"jobs": args.jobs, "rounds": args.rounds, "enqueue_first": True, "cells": cells}
 
 
-def run_peers(sizes: dict[str, Any]) -> dict[str, Any]:
-    from bench import bench_peers
-
-    args = argparse.Namespace(
+def _peer_args(sizes: dict[str, Any]) -> argparse.Namespace:
+    return argparse.Namespace(
         jobs=sizes["jobs"],
         rounds=sizes["rounds"],
         latency_ms=[0, 50],
@@ -125,7 +120,42 @@ def run_peers(sizes: dict[str, Any]) -> dict[str, Any]:
         concurrency=100,
         uv_threads=4,
     )
-    found = bench_peers.measure(args)
+
+
+def run_prefetch(
+    sizes: dict[str, Any], url: str, with_peer: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The prefetch matrix, and with `with_peer` the BullMQ peer's rounds between its rounds.
+
+    The peer's round at a latency runs right after the engine's rounds at that latency, so
+    the engine / BullMQ ratios compare runs minutes apart at most, not a whole matrix apart:
+    this machine's speed drifts by up to 1.6x over tens of minutes (tuning.md).
+    """
+    from bench import bench_peers, bench_prefetch
+
+    args = _prefetch_args(sizes, url)
+    peer_args = _peer_args(sizes)
+    peer_rounds: dict[int, list[Any]] = {latency: [] for latency in peer_args.latency_ms}
+    with contextlib.ExitStack() as stack:
+        peer = stack.enter_context(bench_peers.Peer()) if with_peer else None
+
+        def between(n: int, latency: int) -> None:
+            if peer is not None and peer.skipped is None and latency in peer_rounds:
+                label = f"round {n + 1}/{args.rounds}"
+                peer_rounds[latency].append(peer.round(latency, peer_args, label))
+
+        cells = bench_prefetch.matrix(args, between)
+        found = peer.result(peer_args, peer_rounds) if peer is not None else None
+    bench_prefetch.print_matrix(args, cells)
+    if found is not None:
+        bench_peers.report(found)
+    return {"jobs": args.jobs, "rounds": args.rounds, "enqueue_first": True, "cells": cells}, found
+
+
+def run_peers(sizes: dict[str, Any]) -> dict[str, Any]:
+    from bench import bench_peers
+
+    found = bench_peers.measure(_peer_args(sizes))
     bench_peers.report(found)
     return found
 
@@ -310,15 +340,19 @@ def run(args: argparse.Namespace, chosen: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     with redis_target(args.redis_url) as url:
         for part in PARTS:
-            if part not in chosen:
+            if part not in chosen or (part == "peers" and "prefetch" in chosen):
                 continue
-            print(f"\n=== {part} ===")
+            together = part == "prefetch" and "peers" in chosen
+            print(f"\n=== {'prefetch and peers' if together else part} ===")
             if part == "components":
                 parts[part] = run_components(sizes[part], url)
             elif part == "reads":
                 parts[part] = run_reads(sizes[part], url)
             elif part == "prefetch":
-                parts[part] = run_prefetch(sizes[part], url)
+                # With the peer chosen too, its rounds run between the engine's (one step).
+                parts[part], peers = run_prefetch(sizes[part], url, "peers" in chosen)
+                if peers is not None:
+                    parts["peers"] = peers
             elif part == "peers":
                 parts[part] = run_peers(sizes[part])
             elif part == "tick":

@@ -3,13 +3,16 @@
 The engine run (bench/prefetch_engine.py) and the plain-loop baseline
 (bench/prefetch_baseline.py) fill the same `Run`, so that the report and the matrix
 (bench/bench_prefetch.py) compare like with like; both check a sample of their entries with
-`verify_entries`, so a fast run that stored the wrong thing does not pass unnoticed.
+`verify_entries`, so a fast run that stored the wrong thing does not pass unnoticed. The
+BullMQ peer (bench/bench_peers.py) records its rounds in a `Run` too, and `summary` makes
+one cell of medians of any of them.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import msgspec
 import uvloop
@@ -52,6 +55,22 @@ class Run:
     def cpu_us_per_job(self, role: str) -> float | None:
         used = self.cpu_s.get(role)
         return None if used is None or not self.done else used / self.done * 1e6
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+def summary(runs: list[Run]) -> dict[str, Any]:
+    """Medians of the rounds of one cell, and the rounds themselves."""
+    return {
+        "jobs_per_s": median([r.jobs_per_s for r in runs]),
+        "worker_cpu_us_per_job": median([r.cpu_us_per_job("workers") or 0.0 for r in runs]),
+        "peak_rss_mb": median([max(r.peak_rss_mb or [0.0]) for r in runs]),
+        "other_cpu_pct": median([r.other_cpu_pct for r in runs]),
+        "rounds": [asdict(r) | {"jobs_per_s": r.jobs_per_s} for r in runs],
+    }
 
 
 def fresh_users(count: int) -> list[str]:
