@@ -133,3 +133,19 @@ async def test_one_db_for_every_tier_still_keeps_tiers_apart(
     assert (await cache.read(user) or ("", b""))[0] == "warm"
     await cache.invalidate(user)
     assert await cache.read(user) is None
+
+
+async def test_a_warm_job_reads_the_hot_entry_and_the_warm_generation(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    # Two databases: begin sends both reads at once; each reply must land in its own field.
+    cache = TimelineCache(settings, redis_roles["hot"], redis_roles["warm"])
+    user = new_user()
+    first = await cache.begin(user, "warm")
+    assert not first.hot_fresh and first.generation == b""
+    await cache.invalidate(user)  # bumps the generations
+    await cache.store("hot", user, body_for(user, "hot"), await cache.begin(user, "hot"))
+    ticket = await cache.begin(user, "warm")
+    warm_generation = await redis_roles["warm"].get(keys.generation("warm", user))
+    assert ticket.hot_fresh and warm_generation and ticket.generation == warm_generation
+    assert not (await cache.begin(user, "warm", check_hot=False)).hot_fresh
