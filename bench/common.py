@@ -238,13 +238,14 @@ def start_sandbox(services: Services, redis_url: str, latency_ms: int = 0) -> di
 
 
 def code_fingerprint() -> str:
-    """A hash of the service's source (engine, api, sandbox), to tell apart runs of the same day."""
+    """A hash of the service's source (engine, api, sandbox and their sub-packages), to tell
+    apart runs of the same day."""
     import hashlib
 
     digest = hashlib.sha1(usedforsecurity=False)
     for package in ("engine", "api", "sandbox"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
