@@ -27,6 +27,12 @@ def body_for(user: str, tier: str) -> bytes:
     return wire.cached_body(generate_posts(user, 100), 1_700_000_000_000, tier, cached=True)
 
 
+@pytest.fixture
+def cache(settings: Settings, redis_roles: dict[str, FastRedis]) -> TimelineCache:
+    """The two tiers on their own databases (REDIS_DB_HOT, REDIS_DB_WARM)."""
+    return TimelineCache(settings, redis_roles["hot"], redis_roles["warm"])
+
+
 def test_gzip_round_trips_and_plain_bytes_pass_through() -> None:
     body = body_for(new_user(), "hot")
     packed = compress(body)
@@ -70,9 +76,8 @@ def test_entries_without_a_stamp_are_served_as_they_are() -> None:
 
 
 async def test_an_entry_is_the_ready_response_body(
-    settings: Settings, redis_roles: dict[str, FastRedis]
+    settings: Settings, redis_roles: dict[str, FastRedis], cache: TimelineCache
 ) -> None:
-    cache = TimelineCache(settings, redis_roles["hot"], redis_roles["warm"])
     user = new_user()
     ticket = await cache.begin(user, "hot")
     assert not ticket.hot_fresh
@@ -95,9 +100,8 @@ async def test_an_entry_is_the_ready_response_body(
 
 
 async def test_hot_wins_over_warm_and_warm_keeps_its_own_ttl(
-    settings: Settings, redis_roles: dict[str, FastRedis]
+    settings: Settings, cache: TimelineCache
 ) -> None:
-    cache = TimelineCache(settings, redis_roles["hot"], redis_roles["warm"])
     user = new_user()
     await cache.store("warm", user, body_for(user, "warm"), await cache.begin(user, "warm"))
     status = await cache.status(user)
@@ -107,9 +111,8 @@ async def test_hot_wins_over_warm_and_warm_keeps_its_own_ttl(
 
 
 async def test_a_store_that_began_before_an_invalidation_is_dropped(
-    settings: Settings, redis_roles: dict[str, FastRedis]
+    cache: TimelineCache,
 ) -> None:
-    cache = TimelineCache(settings, redis_roles["hot"], redis_roles["warm"])
     user = new_user()
     stale = await cache.begin(user, "warm")
     await cache.invalidate(user)
@@ -136,10 +139,9 @@ async def test_one_db_for_every_tier_still_keeps_tiers_apart(
 
 
 async def test_a_warm_job_reads_the_hot_entry_and_the_warm_generation(
-    settings: Settings, redis_roles: dict[str, FastRedis]
+    redis_roles: dict[str, FastRedis], cache: TimelineCache
 ) -> None:
     # Two databases: begin sends both reads at once; each reply must land in its own field.
-    cache = TimelineCache(settings, redis_roles["hot"], redis_roles["warm"])
     user = new_user()
     first = await cache.begin(user, "warm")
     assert not first.hot_fresh and first.generation == b""
