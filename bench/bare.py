@@ -9,16 +9,15 @@ do here.
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 
 
 def serve_bare(port: int, plain: bytes, gzipped: bytes) -> None:
     """The ceiling for the API: one route per encoding, the same bytes for any user id."""
-    import asyncio
-
     import uvloop
     from aiohttp import web
+
+    from engine.process import stop_on_signals
 
     gzip_headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 
@@ -36,12 +35,9 @@ def serve_bare(port: int, plain: bytes, gzipped: bytes) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
+        with stop_on_signals() as stop:
+            await stop.wait()
+            await runner.cleanup()
 
     import setproctitle
 

@@ -12,6 +12,8 @@ alive, and requests and jobs leave almost no cyclic garbage.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -19,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import setproctitle
 
@@ -77,3 +79,19 @@ def settle_heap() -> None:
     """
     gc.freeze()
     gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[asyncio.Event]:
+    """Within the block, SIGTERM and SIGINT set the event (handled on the running loop)
+    instead of ending the process: a serving process awaits it, then tears down what it
+    started. Their default action is back after the block."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

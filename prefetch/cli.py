@@ -167,14 +167,12 @@ def run_api(settings: Settings) -> int:
 
 
 def _serve_api(settings: Settings) -> int:
-    import asyncio
-
     import uvloop
     from aiohttp import web
 
     from api import create_app
     from api.server import make_runner, raise_file_limit
-    from engine.process import settle_heap
+    from engine.process import settle_heap, stop_on_signals
 
     # Before the runner sizes its connection limit on it.
     raise_file_limit()
@@ -197,12 +195,9 @@ def _serve_api(settings: Settings) -> int:
             runner.limits.max_connections,
         )
         settle_heap()  # the app, its Runtime and the contract document stay for good
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
+        with stop_on_signals() as stop:
+            await stop.wait()
+            await runner.cleanup()
 
     uvloop.run(serve())
     return 0

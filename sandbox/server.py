@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Self
@@ -13,6 +11,7 @@ import setproctitle
 import uvloop
 from aiohttp import web
 
+from engine.process import stop_on_signals
 from engine.settings import Settings
 from sandbox.ca import SandboxTokens, ca_app
 from sandbox.config import SandboxSettings, load_sandbox_settings
@@ -105,24 +104,19 @@ class SandboxServer:
 
 
 async def _serve_until_signalled(server: SandboxServer) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        knobs = server.sandbox
-        print(f"sandbox timeline: {server.timeline_url}", flush=True)
-        print(f"sandbox CA:       {server.ca_url}", flush=True)
-        print(
-            f"sandbox knobs:    latency {knobs.latency_ms} ms, jitter {knobs.jitter_ms} ms, "
-            f"error rate {knobs.error_rate:g}",
-            flush=True,
-        )
-        await stop.wait()
+        with stop_on_signals() as stop:
+            await server.start()
+            knobs = server.sandbox
+            print(f"sandbox timeline: {server.timeline_url}", flush=True)
+            print(f"sandbox CA:       {server.ca_url}", flush=True)
+            print(
+                f"sandbox knobs:    latency {knobs.latency_ms} ms, jitter {knobs.jitter_ms} ms, "
+                f"error rate {knobs.error_rate:g}",
+                flush=True,
+            )
+            await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await server.stop()
 
 

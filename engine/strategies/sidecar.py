@@ -9,13 +9,11 @@ lease, not here, so every pod may run one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import signal
 import time
 
-from engine.process import fork_child, set_title
+from engine.process import fork_child, set_title, stop_on_signals
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,11 +37,8 @@ def run_scheduler_process(settings: Settings) -> int:
     set_title("prefetch: scheduler")
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run_scheduler(settings, stop)
+        with stop_on_signals() as stop:
+            await run_scheduler(settings, stop)
 
     uvloop.run(main())
     return 0
