@@ -191,8 +191,8 @@ class EnvelopeHandler(HotPathHandler):
         self.force_close()
 
     def _peer(self) -> str:
-        transport = self.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        """host:port of the peer, for log lines ("?" once the connection is gone)."""
+        peer = self._peername()
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
     def handle_error(

@@ -168,10 +168,14 @@ class HotPathHandler(RequestHandler):
             self._held_paused = True
             self.transport.pause_reading()
 
+    def _peername(self) -> Any:
+        """The transport's `peername`: (host, port, ...) over TCP, None once it is gone."""
+        transport = self.transport
+        return transport.get_extra_info("peername") if transport is not None else None
+
     def _remote(self) -> str | None:
         """The peer's address, as aiohttp's `request.remote` gives it."""
-        transport = self.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        peer = self._peername()
         if isinstance(peer, (list, tuple)):
             return str(peer[0])
         return None if peer is None else str(peer)
