@@ -46,6 +46,7 @@ from bench.common import (
 )
 from bench.prefetch_baseline import run_baseline
 from bench.prefetch_engine import run_engine
+from bench.prefetch_load import queue_url
 from bench.prefetch_run import Run, summary
 
 
@@ -101,6 +102,10 @@ def run_once(args: argparse.Namespace) -> tuple[list[Run], str]:
             f"Redis-compatible server {redis_info(url)['version']} at {url}, DBs 4-7 flushed; "
             f"code {code_fingerprint()}"
         )
+        queue = queue_url(url)
+        if queue != url:
+            flush_bench_dbs(queue)
+            print(f"the queue on {queue} (BROKER_URL), DBs 4-7 flushed")
         upstreams = start_sandbox(services, url, args.latency_ms)
         runs.append(run_engine(url, upstreams, services, args))
         if not args.no_baseline:

@@ -30,7 +30,7 @@ from bench.common import (
     service_env,
     wait_http,
 )
-from bench.prefetch_load import drive
+from bench.prefetch_load import drive, queue_url
 from bench.prefetch_run import WARMUP_JOBS, Run, fresh_users, verify_entries
 from bench.procfs import cpu_seconds, memory_kb, system_busy_seconds, titled
 
@@ -98,6 +98,10 @@ def run_engine(
         "sandbox": [sandbox_pid] if sandbox_pid else [],
         "redis": [redis_pid] if redis_pid else [],
     }
+    queue = queue_url(url)
+    queue_pid = local_redis_pid(queue) if queue != url else None
+    if queue_pid:  # a Redis BROKER_URL on this machine: the queue's own CPU
+        roles["queue redis"] = [queue_pid]
     if api is not None:
         roles["api"] = [api.pid]
     fetches0 = http_json(upstreams["TIMELINE_SERVICE_URL"] + "/__stats")["timelineFetches"]

@@ -81,6 +81,13 @@ async def schedule_api(base: str, users: list[str], concurrency: int) -> int:
 # --- completion -------------------------------------------------------------------------------
 
 
+def queue_url(url: str) -> str:
+    """Where the queue role's Redis is, as the workers are told: a Redis BROKER_URL (the
+    bench's queue DB unless it names one), else the cache's `url`."""
+    broker = Settings().with_overrides(broker_url=os.environ.get("BROKER_URL", ""))
+    return broker.queue_redis_url if broker.broker_kind == "redis" and broker.broker_url else url
+
+
 class Progress:
     """Reads how many jobs are done: the completed counter, or the number of warm entries."""
 
@@ -91,7 +98,7 @@ class Progress:
         self.warm: FastRedis | None = None
 
     async def open(self) -> None:
-        self.queue = await FastRedis.connect(self._url, BENCH_DBS["REDIS_DB_QUEUE"])
+        self.queue = await FastRedis.connect(queue_url(self._url), BENCH_DBS["REDIS_DB_QUEUE"])
         self.warm = await FastRedis.connect(self._url, BENCH_DBS["REDIS_DB_WARM"])
 
     async def close(self) -> None:
@@ -152,7 +159,7 @@ async def drive(
     """
     progress = Progress(url, by_entries=False)
     await progress.open()
-    queue_redis = await FastRedis.connect(url, BENCH_DBS["REDIS_DB_QUEUE"])
+    queue_redis = await FastRedis.connect(queue_url(url), BENCH_DBS["REDIS_DB_QUEUE"])
     try:
         done0, _, failed0 = await progress.read()
         schedule = schedule_fn(args, api_base)
