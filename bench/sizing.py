@@ -21,6 +21,10 @@ from this 2-CPU machine, so re-measure them on the target hardware):
   cached timeline + the user's activity entry), measured with MEMORY USAGE, x headroom.
 - Redis shards = the most of: memory / usable memory per shard, operations / ops per shard,
   bytes out / bandwidth per shard (each at `--utilization`). Replicas not counted.
+- The queue is one Redis (BROKER_URL, never the Cluster: engine/store/keys.py), so it does
+  not shard: its load at peak is given as a share of that one node's CPU, for jobs sent one
+  user per message and for jobs sent in batch messages (the strategies' way), from its CPU
+  per job, measured. Above `--utilization`, single messages do not fit: batch them.
 """
 
 from __future__ import annotations
@@ -70,7 +74,14 @@ class Capacity:
     redis_gb_per_shard: float = 25.0  # usable (maxmemory) per shard
     redis_gbit_per_shard: float = 10.0  # network out per shard
     redis_ops_per_read: float = 1.5  # hot, then warm on a hot miss
-    redis_ops_per_job: float = 8.0  # queue push/fetch/ack, freshness check, store, completion
+    # A job's or a miss's cache work (freshness check, guarded store), in GETs of the same
+    # server CPU: 114 µs per job against 22.8 µs per 9 KB GET, measured the same day. The
+    # queue's work is on the queue node, below.
+    redis_ops_per_job: float = 5.0
+    # The queue's one Redis, at full use of one core: jobs/s from schedule to settle, one user
+    # per message and 50 per batch message (1e6 / its CPU µs per job, tuning.md "Sizing").
+    queue_jobs_per_s_single: float = 9_346.0
+    queue_jobs_per_s_batched: float = 62_500.0
     utilization: float = 0.6  # provision the peak at this share of capacity
     memory_headroom: float = 1.3  # fragmentation, replication and client buffers
 
@@ -94,6 +105,8 @@ class Plan:
     shards_for_memory: int
     shards_for_ops: int
     shards_for_bandwidth: int
+    queue_load_single: float  # share of the queue node's CPU at peak, one user per message
+    queue_load_batched: float  # the same, with batch messages
 
     @property
     def shards(self) -> int:
@@ -137,6 +150,8 @@ def plan(workload: Workload, capacity: Capacity) -> Plan:
         shards_for_memory=_need(redis_bytes / 1e9, c.redis_gb_per_shard),
         shards_for_ops=_need(redis_ops, c.redis_ops_per_shard * c.utilization),
         shards_for_bandwidth=_need(gbit_out, c.redis_gbit_per_shard * c.utilization),
+        queue_load_single=jobs / c.queue_jobs_per_s_single,
+        queue_load_batched=jobs / c.queue_jobs_per_s_batched,
     )
 
 
@@ -202,16 +217,17 @@ def _table(rows: list[tuple[float, Plan]]) -> str:
     header = (
         "| daily active users | avg reads/s | peak reads/s | peak jobs/s | upstream fetches/s "
         "| cached entries | Redis memory | Redis ops/s | Redis out | shards (mem/ops/net) "
-        "| API processes | worker processes |"
+        "| API processes | worker processes | queue node CPU (single / batched) |"
     )
-    lines = [header, "|" + "---:|" * 12]
+    lines = [header, "|" + "---:|" * 13]
     for dau, p in rows:
         lines.append(
             f"| {n(dau)} | {n(p.avg_reads_per_s)} | {n(p.peak_reads_per_s)} | "
             f"{n(p.peak_jobs_per_s)} | {n(p.peak_upstream_per_s)} | {n(p.cached_entries)} | "
             f"{p.redis_gb:,.1f} GB | {n(p.redis_ops_per_s)} | {p.redis_gbit_out:.2f} Gbit/s | "
             f"**{p.shards}** ({p.shards_for_memory}/{p.shards_for_ops}/"
-            f"{p.shards_for_bandwidth}) | **{p.api_processes}** | **{p.worker_processes}** |"
+            f"{p.shards_for_bandwidth}) | **{p.api_processes}** | **{p.worker_processes}** | "
+            f"{p.queue_load_single:.0%} / {p.queue_load_batched:.0%} |"
         )
     return "\n".join(lines)
 

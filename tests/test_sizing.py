@@ -32,6 +32,8 @@ CAPACITY = Capacity(
     redis_ops_per_job=2,
     utilization=0.5,
     memory_headroom=1,
+    queue_jobs_per_s_single=40,
+    queue_jobs_per_s_batched=400,
 )
 
 
@@ -52,6 +54,8 @@ def test_rates_processes_memory_and_shards_by_hand() -> None:
     assert p.redis_gbit_out == pytest.approx(10 * 1_000 * 8 / 1e9)
     assert (p.shards_for_memory, p.shards_for_ops, p.shards_for_bandwidth) == (2, 1, 1)
     assert p.shards == 2
+    # The queue's one node: 20 jobs/s against 40 single or 400 batched at full use.
+    assert (p.queue_load_single, p.queue_load_batched) == (pytest.approx(0.5), pytest.approx(0.05))
 
 
 def test_processes_round_up_and_grow_with_users() -> None:
