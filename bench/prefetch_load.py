@@ -81,10 +81,16 @@ async def schedule_api(base: str, users: list[str], concurrency: int) -> int:
 # --- completion -------------------------------------------------------------------------------
 
 
+def broker_settings() -> Settings:
+    """The queue's backend as the workers are told it: BROKER_URL from the environment
+    (passed on to them), on RabbitMQ or another Redis; unset, the cache's Redis."""
+    return Settings().with_overrides(broker_url=os.environ.get("BROKER_URL", ""))
+
+
 def queue_url(url: str) -> str:
     """Where the queue role's Redis is, as the workers are told: a Redis BROKER_URL (the
     bench's queue DB unless it names one), else the cache's `url`."""
-    broker = Settings().with_overrides(broker_url=os.environ.get("BROKER_URL", ""))
+    broker = broker_settings()
     return broker.queue_redis_url if broker.broker_kind == "redis" and broker.broker_url else url
 
 
@@ -163,10 +169,7 @@ async def drive(
     try:
         done0, _, failed0 = await progress.read()
         schedule = schedule_fn(args, api_base)
-        # BROKER_URL (also passed to the workers) puts the queue on RabbitMQ or another Redis.
-        jobs = open_job_queue(
-            Settings().with_overrides(broker_url=os.environ.get("BROKER_URL", "")), queue_redis
-        )
+        jobs = open_job_queue(broker_settings(), queue_redis)
         started = time.perf_counter()
         try:
             await schedule(jobs, users)
