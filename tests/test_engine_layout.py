@@ -158,6 +158,60 @@ async def test_settle_acks_nacks_and_hands_back_as_dramatiqs_dispatch_does(
     ours_broker.close()
 
 
+async def test_fetch_moves_messages_as_dramatiqs_consumer_fetch_does(
+    dbs: tuple[FastRedis, RedisBroker], redis_url: str
+) -> None:
+    ours, dramatiq_broker = dbs
+    ours_broker = layout.PrefetchBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis.from_url(redis_url, db=OURS),
+        namespace=layout.NAMESPACE,
+        middleware=[],
+    )
+    ours_broker.broker_id = WORKER_ID
+    msgs = [message() for _ in range(5)]
+    ids: dict[int, list[str]] = {}
+    replies: dict[int, list[Any]] = {}
+    for db, broker in ((OURS, ours_broker), (DRAMATIQ, dramatiq_broker)):
+        ids[db] = [broker.enqueue(m).options["redis_message_id"] for m in msgs]
+    replies[DRAMATIQ] = dramatiq_broker.do_fetch("medium", 3)
+    replies[OURS] = await layout.fetch(ours, ours_broker, "medium", 3)
+    decoded = {
+        db: [dramatiq.Message.decode(data).message_id for data in reply]
+        for db, reply in replies.items()
+    }
+    assert decoded[OURS] == decoded[DRAMATIQ] == [m.message_id for m in msgs[:3]]
+    assert state(redis_url, OURS, ids[OURS]) == state(redis_url, DRAMATIQ, ids[DRAMATIQ])
+    # Its heartbeat, as Dramatiq's fetch beats it.
+    beat = await ours.execute("ZSCORE", layout.HEARTBEATS, WORKER_ID)
+    assert beat is not None
+    ours_broker.close()
+
+
+def test_fetch_passes_dispatch_what_dramatiqs_consumer_passes(redis_url: str) -> None:
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis.from_url(redis_url),
+        namespace=layout.NAMESPACE,
+        middleware=[],
+        maintenance_chance=0,
+    )
+    broker.broker_id = WORKER_ID
+    seen: list[list[Any]] = []
+    source = broker.scripts["dispatch"].script
+    broker.scripts["dispatch"] = lambda args, keys: seen.append([keys, args]) or []
+    broker.do_fetch("medium", 7)
+    (keys_, theirs), mine = seen[0], layout.fetch_args(broker, "medium", 7)
+    assert keys_ == [layout.NAMESPACE]
+    assert (source.decode() if isinstance(source, bytes) else source) == layout.DISPATCH.source
+    # The same arguments, but for the time and for the unpack limit, which Dramatiq asks
+    # Redis for (half of Lua's stack), and ours keeps below.
+    assert [a for n, a in enumerate(theirs) if n not in (1, 7)] == [
+        a for n, a in enumerate(mine) if n not in (1, 7)
+    ]
+    assert abs(int(theirs[1]) - int(mine[1])) < 60_000
+    assert int(theirs[7]) >= layout.FETCH_CAP
+    broker.close()
+
+
 async def test_promote_moves_a_due_message_as_dramatiq_does_keeping_its_id(
     dbs: tuple[FastRedis, RedisBroker], redis_url: str
 ) -> None:

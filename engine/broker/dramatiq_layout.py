@@ -17,12 +17,15 @@ exactly as its own dispatch.lua does (tests compare the Redis state of both).
 from __future__ import annotations
 
 import time
+from importlib import resources
 from typing import Any
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import q_name
 
+from engine import wire
 from engine.broker import ledger as ledger_mod
 from engine.broker.ledger import Ledger, Outgoing, canonical, current_ledger, deferred
 from engine.store import keys
@@ -38,6 +41,10 @@ PUSH = Script.load(__file__, "push.lua")
 SETTLE = Script.load(__file__, "outcome_ops.lua", "settle.lua")
 PROMOTE = Script.load(__file__, "promote.lua")
 RECOVER = Script.load(__file__, "recover_acks.lua")
+# Dramatiq's own script, run as its consumers run it (`fetch`): engine/broker/loop_consumer.py.
+DISPATCH = Script(
+    (resources.files("dramatiq.brokers") / "redis" / "dispatch.lua").read_text(encoding="utf-8")
+)
 
 
 def queue_key(queue: str) -> str:
@@ -135,6 +142,51 @@ async def settle(
         SETTLE, settle_keys(), [broker_id, int(time.time() * 1000), failed_keep, *groups]
     )
     return [flag == 1 for flag in reply]
+
+
+# Most messages one fetch moves: dispatch.lua unpacks their ids in one call, and Lua's stack
+# takes a few thousand (Dramatiq asks Redis for the limit, and uses half of it).
+FETCH_CAP = 1_000
+
+
+def fetch_args(broker: RedisBroker, queue: str, count: int) -> list[Arg]:
+    """dispatch.lua's arguments for `fetch`, as `RedisBroker._dispatch` builds them (its
+    heartbeat for this broker id, and now and then its maintenance of dead workers' acks)."""
+    return [
+        "fetch",
+        int(time.time() * 1000),
+        queue,
+        str(broker.broker_id),
+        broker.heartbeat_timeout,
+        broker.dead_message_ttl,
+        broker._should_do_maintenance("fetch"),
+        FETCH_CAP,
+        min(count, FETCH_CAP),
+    ]
+
+
+async def fetch(redis: FastRedis, broker: RedisBroker, queue: str, count: int) -> list[Any]:
+    """Up to `count` encoded messages of `queue` (None for an id whose data is gone), moved
+    to this broker id's ack set, as Dramatiq's consumer fetches them: one dispatch.lua call."""
+    reply = await redis.evalsha_or_eval(DISPATCH, [NAMESPACE], fetch_args(broker, queue, count))
+    return list(reply or ())
+
+
+def rejection_group(message: Any, reason: str, attempts: int) -> list[Arg]:
+    """A settle group that dead-letters a message Dramatiq refuses to run (an unknown actor),
+    with a failed-list record saying why."""
+    args = message.args
+    record = wire.FailedJob(
+        id=str(message.message_id),
+        userId=args[0] if args and isinstance(args[0], str) else "",
+        priority=q_name(message.queue_name),
+        failedReason=reason,
+        attempts=attempts,
+        timestamp=int(time.time() * 1000),
+    )
+    ledger = Ledger()
+    ledger.failed(wire.json_encoder.encode(record))
+    return settle_group("nack", message.queue_name, message.options["redis_message_id"], ledger)
 
 
 def stats_commands(queues: list[str]) -> list[tuple[Arg, ...]]:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from queue import PriorityQueue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import redis
@@ -23,9 +23,11 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis, iter_queue, q_name
 from dramatiq.worker import ConsumerThread, _WorkQueueItem
 
-from engine import wire
 from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import FAILED_KEEP
+
+if TYPE_CHECKING:
+    from engine.broker.loop_consumer import LoopConsumer
 
 log = logging.getLogger(__name__)
 
@@ -154,19 +156,10 @@ class Consumer(ConsumerThread):
             super().post_process_message(message)
             return
         # Only Dramatiq's own rejections come here (the executor settles the jobs it runs).
-        args = message.args
-        record = wire.FailedJob(
-            id=str(message.message_id),
-            userId=args[0] if args and isinstance(args[0], str) else "",
-            priority=q_name(message.queue_name),
-            failedReason=f"rejected by Dramatiq: {message._exception!r}",
-            attempts=int(message.options.get("retries", 0)) + 1,
-            timestamp=current_millis(),
-        )
-        ledger = layout.Ledger()
-        ledger.failed(wire.json_encoder.encode(record))
-        group = layout.settle_group(
-            "nack", self.queue_name, message.options["redis_message_id"], ledger
+        group = layout.rejection_group(
+            message,
+            f"rejected by Dramatiq: {message._exception!r}",
+            int(message.options.get("retries", 0)) + 1,
         )
         try:
             self._scripts()[1](
@@ -198,9 +191,14 @@ class LoopWorker(dramatiq.Worker):
         # Redis: the hardened `Consumer` above. RabbitMQ: Dramatiq's own thread (whose broker
         # redelivers whatever a lost connection had not acknowledged), re-holding long delays.
         self.consumer_factory = consumer_factory
+        # Redis: the ready queues are fetched on the event loop (engine/broker/loop_consumer.py).
+        self.loop_consumer: LoopConsumer | None = None
 
     def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
         if queue_name in self.consumers:
+            return
+        if self.loop_consumer is not None and not delay:
+            self.loop_consumer.add(queue_name)
             return
         consumer = self.consumers[queue_name] = self.consumer_factory(
             broker=self.broker,
@@ -212,11 +210,22 @@ class LoopWorker(dramatiq.Worker):
         consumer.start()
 
     def dead_consumers(self) -> list[str]:
-        """Queues whose consumer thread has died (the process should be replaced)."""
-        return [name for name, thread in self.consumers.items() if not thread.is_alive()]
+        """Queues whose consumer has died (the process should be replaced)."""
+        dead = [name for name, thread in self.consumers.items() if not thread.is_alive()]
+        if self.loop_consumer is not None:
+            dead += self.loop_consumer.dead()
+        return dead
 
     def consumer_of(self, message: MessageProxy) -> ConsumerThread | None:
         return self.consumers.get(message.queue_name)
+
+    def settled(self, message: MessageProxy) -> None:
+        """`message` is settled: its consumer stops counting it against its prefetch."""
+        thread = self.consumers.get(message.queue_name)
+        if thread is not None:
+            discard_outstanding(thread, message)
+        elif self.loop_consumer is not None:
+            self.loop_consumer.settled(message)
 
     def held_ids(self) -> set[str]:
         """Redis ids of the messages this process holds before the executor takes them: in

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from dramatiq.middleware import SkipMessage
 
 from engine import tracing
 from engine.broker import dramatiq_layout as layout
-from engine.broker.dramatiq_worker import LoopWorker, discard_outstanding
+from engine.broker.dramatiq_worker import LoopWorker
 from engine.broker.ledger import Ledger, deferred
 from engine.errors import BrokerUnavailable, RedisReplyError, RedisUnavailable
 from engine.store.fastredis import Arg, FastRedis
@@ -115,9 +116,7 @@ class RedisSettler:
             self._redis, str(self._broker.broker_id), groups, self._failed_keep
         )
         for done in batch:
-            consumer = self._worker.consumer_of(done.message)
-            if consumer is not None:
-                discard_outstanding(consumer, done.message)
+            self._worker.settled(done.message)
         return ours
 
     def may_be_settled(self, message: MessageProxy) -> bool:
@@ -140,6 +139,7 @@ class Executor:
         concurrency: int,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
         self._broker = broker
         self._worker = worker
         self._backend = settler
@@ -170,10 +170,14 @@ class Executor:
     # --- taking work ------------------------------------------------------------------------
 
     def _on_put(self) -> None:
-        """In a consumer thread: an item arrived; wake the loop if it is waiting for one."""
+        """An item arrived (from a consumer thread, or fetched on this loop): wake the loop if
+        it is waiting for one."""
         if self._idle and not self._wake_pending:
             self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._pump)
+            if threading.get_ident() == self._thread:
+                self._loop.call_soon(self._pump)
+            else:
+                self._loop.call_soon_threadsafe(self._pump)
 
     def start(self) -> None:
         """Take what is already waiting (and everything that arrives from now on)."""

@@ -1,8 +1,10 @@
 """A worker process: uvloop, Dramatiq's consumers, the job executor, one Runtime.
 
-Built entirely after fork by `run_worker`. Dramatiq's consumer threads (one per queue and
-delay queue) fetch messages; the executor runs them as coroutines on this process's loop,
-`PREFETCH_JOB_CONCURRENCY` at once, and settles them in batches (engine/broker/executor.py).
+Built entirely after fork by `run_worker`. On Redis the ready queues are fetched on this
+process's loop (engine/broker/loop_consumer.py) and the delay queues by Dramatiq's consumer
+threads; on RabbitMQ Dramatiq's consumer threads fetch every queue. The executor runs the
+messages as coroutines on the loop, `PREFETCH_JOB_CONCURRENCY` at once, and settles them in
+batches (engine/broker/executor.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from engine.broker.actors import JobOutcome, RuntimeHolder, register_actors
 from engine.broker.dramatiq_worker import Consumer, LoopWorker
 from engine.broker.executor import Executor, Handler, RedisSettler
 from engine.broker.jobs import FAILED_KEEP, QUEUES
+from engine.broker.loop_consumer import LoopConsumer
 from engine.broker.rabbit_broker import PrefetchRabbitBroker, RabbitConsumer, make_rabbit_broker
 from engine.broker.rabbit_settle import RabbitSettler
 from engine.broker.reclaim import Reclaimer
@@ -145,6 +148,14 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
             assert isinstance(broker, layout.PrefetchBroker)
             settler = RedisSettler(broker, worker, queue, FAILED_KEEP)
         executor = Executor(broker, worker, settler, handlers, concurrency=settings.job_concurrency)
+        if isinstance(broker, layout.PrefetchBroker):
+            worker.loop_consumer = LoopConsumer(
+                broker,
+                queue,
+                worker.work_queue,
+                prefetch=settings.queue_prefetch,
+                poll_ms=POLL_TIMEOUT_MS,
+            )
         broker.emit_after("process_boot")
         worker.start()
         executor.start()
@@ -173,6 +184,8 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         if stuck:
             log.warning("%d jobs still running at shutdown: handed back to the queue", stuck)
         # Hands back what was fetched but not started, stops and closes the consumers.
+        if worker.loop_consumer is not None:
+            await worker.loop_consumer.close()
         await asyncio.to_thread(worker.stop, STOP_CONSUMERS_MS)
         if isinstance(settler, RabbitSettler):
             await settler.close()

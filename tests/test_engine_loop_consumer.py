@@ -1,0 +1,177 @@
+"""The ready queues fetched on the event loop (engine/broker/loop_consumer.py), on real Redis.
+
+Each test builds the worker's own broker (its middleware and actors) and a LoopConsumer
+over a real work queue, and reads the result in Redis: Dramatiq's queue list, this broker
+id's ack set, its dead-letter set, and our failed list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest_asyncio
+from dramatiq.broker import MessageProxy
+
+from engine.broker import dramatiq_layout as layout
+from engine.broker.dramatiq_worker import WorkQueue
+from engine.broker.jobs import FAILED_KEEP, actor_name, job_kwargs
+from engine.broker.loop_consumer import LoopConsumer
+from engine.broker.worker import EXIT_CONSUMER_DIED, _watch, make_broker, make_worker
+from engine.settings import Settings
+from engine.store import keys
+from engine.store.fastredis import FastRedis
+from tests.engine_support import DB_QUEUE, Engine, PrivateRedis, holds_for, user, wait_for
+
+BROKER_ID = "loop-consumer-test"
+PREFETCH = 4
+POLL_MS = 50
+
+
+@dataclass
+class Rig:
+    queue: FastRedis
+    broker: layout.PrefetchBroker
+    work: WorkQueue
+    consumer: LoopConsumer
+
+    def send(self, count: int, actor: str | None = None) -> list[str]:
+        """Enqueue `count` single-user jobs through Dramatiq; their redis ids."""
+        ids = []
+        for _ in range(count):
+            uid = user()
+            message = dramatiq.Message(
+                queue_name="medium",
+                actor_name=actor or actor_name("medium"),
+                args=(uid, f"prefetch:{uid}:1"),
+                kwargs=job_kwargs("schedule", False),
+                options={},
+            )
+            ids.append(self.broker.enqueue(message).options["redis_message_id"])
+        return ids
+
+    async def waiting(self) -> int:
+        return int(await self.queue.execute("LLEN", layout.queue_key("medium")))
+
+    async def held(self) -> set[str]:
+        members = await self.queue.execute("SMEMBERS", layout.acks_key(BROKER_ID, "medium"))
+        return {m.decode() for m in members}
+
+    def take(self) -> list[MessageProxy]:
+        taken = []
+        while not self.work.empty():
+            taken.append(self.work.get_nowait().message)
+        return taken
+
+    async def ack(self, messages: list[MessageProxy]) -> None:
+        groups: list[Any] = []
+        for message in messages:
+            rid = message.options["redis_message_id"]
+            groups += layout.settle_group("ack", "medium", rid, None)
+        await layout.settle(self.queue, BROKER_ID, groups, FAILED_KEEP)
+        for message in messages:
+            self.consumer.settled(message)
+
+
+def rig_on(url: str, db: int, queue: FastRedis) -> Rig:
+    settings = Settings().with_overrides(redis_url=url, db_queue=db)
+    broker, _, _ = make_broker(settings, BROKER_ID)
+    assert isinstance(broker, layout.PrefetchBroker)
+    work = WorkQueue()
+    consumer = LoopConsumer(broker, queue, work, prefetch=PREFETCH, poll_ms=POLL_MS)
+    return Rig(queue, broker, work, consumer)
+
+
+@pytest_asyncio.fixture
+async def rig(tmp_path: Path, redis_url: str) -> AsyncIterator[Rig]:
+    async with Engine.open(tmp_path, redis_url) as engine:
+        made = rig_on(redis_url, DB_QUEUE, engine.queue)
+        yield made
+        await made.consumer.close()
+        made.broker.close()
+
+
+async def test_it_fetches_up_to_its_prefetch_and_more_as_messages_settle(rig: Rig) -> None:
+    sent = rig.send(10)
+    rig.consumer.add("medium")
+    await wait_for(lambda: rig.work.qsize() == PREFETCH, 5, "a full prefetch")
+    # Full: no more is fetched while nothing settles, over many poll periods.
+    await holds_for(lambda: rig.work.qsize() == PREFETCH, POLL_MS * 6 / 1000, "prefetch bound")
+    assert await rig.waiting() == 10 - PREFETCH
+    first = rig.take()
+    assert [m.options["redis_message_id"] for m in first] == sent[:PREFETCH]  # FIFO within one
+    assert await rig.held() == set(sent[:PREFETCH])
+    # Two settle: their room is fetched again, and no more.
+    await rig.ack(first[:2])
+    await wait_for(lambda: rig.work.qsize() == 2, 5, "the freed room fetched")
+    await holds_for(lambda: rig.work.qsize() == 2, POLL_MS * 4 / 1000, "prefetch bound")
+    assert await rig.held() == set(sent[2:6])
+
+
+async def test_a_message_for_an_unknown_actor_is_dead_lettered_with_a_record(rig: Rig) -> None:
+    # Sent by a newer (or older) deployment: this worker has no such actor.
+    (rid,) = rig.send(1, actor="retired_actor")
+    rig.consumer.add("medium")
+
+    async def dead() -> bool:
+        return bool(await rig.queue.execute("ZSCORE", layout.dead_key("medium"), rid))
+
+    await wait_for(dead, 5, "the message in Dramatiq's dead-letter set")
+    assert rig.work.empty()
+    assert await rig.held() == set()
+    records = await rig.queue.execute("LRANGE", keys.FAILED_JOBS, 0, -1)
+    assert any(b"retired_actor" in r and b"rejected by Dramatiq" in r for r in records)
+    # Its room in the prefetch is free again: later messages are fetched.
+    rig.send(1)
+    await wait_for(lambda: rig.work.qsize() == 1, 5, "the next message fetched")
+
+
+async def test_close_hands_back_what_was_fetched_and_not_started(rig: Rig) -> None:
+    sent = rig.send(6)
+    rig.consumer.add("medium")
+    await wait_for(lambda: rig.work.qsize() == PREFETCH, 5, "a full prefetch")
+    await rig.consumer.close()
+    assert rig.work.empty()
+    assert await rig.held() == set()
+    assert await rig.waiting() == 6
+    assert rig.consumer.dead() == []  # closed, not dead
+    listed = await rig.queue.execute("LRANGE", layout.queue_key("medium"), 0, -1)
+    assert {m.decode() for m in listed} == set(sent)
+
+
+async def test_a_worker_whose_fetching_task_ended_exits_to_be_replaced(rig: Rig) -> None:
+    worker = make_worker(Settings(), rig.broker)
+    worker.loop_consumer = rig.consumer
+    worker._add_consumer("medium")  # as Dramatiq's Worker.start does for each ready queue
+    assert worker.consumers == {}  # no thread for it
+    assert worker.dead_consumers() == []
+    # No real fault ends the task (Redis errors are retried): end it from outside.
+    rig.consumer._tasks["medium"].cancel()
+    code = await asyncio.wait_for(_watch(worker, asyncio.Event()), 10)
+    assert code == EXIT_CONSUMER_DIED
+    assert worker.dead_consumers() == ["medium"]
+
+
+async def test_it_outlives_a_redis_restart_and_fetches_again(tmp_path: Path) -> None:
+    server = await PrivateRedis(tmp_path / "redis", "--appendonly", "yes").start()
+    queue = FastRedis(server.url, 0)
+    made = rig_on(server.url, 0, queue)
+    try:
+        made.consumer.add("medium")
+        await asyncio.sleep(POLL_MS / 1000)
+        server.kill()
+        # Down: fetches fail, and the task keeps trying instead of dying.
+        await holds_for(lambda: made.consumer.dead() == [], 1.5, "the task alive")
+        await server.start()
+        sent = made.send(2)
+        await wait_for(lambda: made.work.qsize() == 2, 10, "fetching resumed")
+        assert {m.options["redis_message_id"] for m in made.take()} == set(sent)
+    finally:
+        await made.consumer.close()
+        made.broker.close()
+        await queue.close()
+        server.stop()
