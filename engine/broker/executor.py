@@ -208,7 +208,6 @@ class Executor:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._free += 1
-        self._worker.work_queue.task_done()
         if not task.cancelled() and task.exception() is not None:
             log.error("job runner crashed", exc_info=task.exception())
         self._pump()
