@@ -176,7 +176,14 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeping
         log.info("worker %d draining (up to %d ms)", index, settings.prefetch_shutdown_timeout_ms)
-        stuck = await executor.drain(settings.prefetch_shutdown_timeout_ms / 1000)
+        draining = asyncio.create_task(
+            executor.drain(settings.prefetch_shutdown_timeout_ms / 1000), name="drain"
+        )
+        if worker.loop_consumer is not None:
+            # Fetch no more, and hand back what waits unstarted (the drain takes nothing new;
+            # the delay queues' threads keep this worker's heartbeat until worker.stop).
+            await worker.loop_consumer.close()
+        stuck = await draining
         publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publishing
@@ -184,8 +191,6 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         if stuck:
             log.warning("%d jobs still running at shutdown: handed back to the queue", stuck)
         # Hands back what was fetched but not started, stops and closes the consumers.
-        if worker.loop_consumer is not None:
-            await worker.loop_consumer.close()
         await asyncio.to_thread(worker.stop, STOP_CONSUMERS_MS)
         if isinstance(settler, RabbitSettler):
             await settler.close()
