@@ -175,3 +175,18 @@ async def test_it_outlives_a_redis_restart_and_fetches_again(tmp_path: Path) -> 
         made.broker.close()
         await queue.close()
         server.stop()
+
+
+async def test_close_right_after_a_settle_frees_room_stops_the_fetching(rig: Rig) -> None:
+    # The settle wakes the full queue's task in the same loop turn as close() cancels it:
+    # the cancel must still win (Python 3.11's asyncio.wait_for would swallow it).
+    rig.send(10)
+    rig.consumer.add("medium")
+    await wait_for(lambda: rig.work.qsize() == PREFETCH, 5, "a full prefetch")
+    await rig.ack(rig.take())
+    await asyncio.sleep(0)  # the room's waiter is done; the task has not resumed yet
+    await asyncio.wait_for(rig.consumer.close(), 5)
+    assert all(task.done() for task in rig.consumer._tasks.values())
+    assert await rig.held() == set()
+    await holds_for(lambda: rig.work.empty(), POLL_MS * 4 / 1000, "nothing fetched after close")
+    assert await rig.waiting() == 10 - PREFETCH

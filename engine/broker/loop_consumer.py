@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 1.0  # after a failed fetch, as Dramatiq restarts a consumer after a connection error
 WARN_EVERY_S = 5.0
+FETCH_GRACE_S = 2.0  # how long close() waits for a fetch in flight
 
 
 class LoopConsumer:
@@ -63,6 +64,7 @@ class LoopConsumer:
         self._unsettled: dict[str, set[str]] = {}  # per queue: redis ids fetched, not settled
         self._room: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._fetching: set[str] = set()  # queues whose fetch is awaiting its reply
         self._closing = False
         self._last_warning = 0.0
 
@@ -99,19 +101,29 @@ class LoopConsumer:
         unsettled = self._unsettled[queue]
         room = self._room[queue]
         misses = 0
-        while True:
+        while not self._closing:
             free = self._prefetch - len(unsettled)
             if free <= 0:
                 room.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel
+                # that lands as the event fires, and close() would wait on this task forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(room.wait(), self._poll_ms / 1000)
+                    async with asyncio.timeout(self._poll_ms / 1000):
+                        await room.wait()
                 continue
+            # A fetch is not cancelled (close() waits for it): its ids are in this worker's
+            # ack set once the script has run, and only its reply says which.
+            self._fetching.add(queue)
             try:
                 fetched = await layout.fetch(self._redis, self._broker, queue, free)
             except (RedisUnavailable, RedisReplyError) as exc:
-                # Whatever the lost reply held stays in this worker's ack set: the reclaimer
-                # hands it back (engine/broker/reclaim.py).
+                # What a lost reply held stays in the ack set: the reclaimer hands it back
+                # (engine/broker/reclaim.py).
                 self._warn(f"could not fetch from {queue}", exc)
+                fetched = None
+            finally:
+                self._fetching.discard(queue)
+            if fetched is None:
                 await asyncio.sleep(RETRY_S)
                 continue
             if not fetched:
@@ -174,9 +186,14 @@ class LoopConsumer:
         (in the work queue). What cannot be handed back now stays in this worker's ack sets,
         which the supervisor requeues when the process has exited."""
         self._closing = True
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for queue, task in self._tasks.items():
+            if queue not in self._fetching:
+                task.cancel()  # waiting for room, or polling; a fetch ends by itself
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks.values(), timeout=FETCH_GRACE_S)
+            for task in late:  # a fetch from a Redis that hangs: its ids stay in the ack set
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         waiting: list[WorkItem] = list(iter_queue(self._work_queue))  # type: ignore[no-untyped-call]
         groups: list[Arg] = []
         for item in waiting:
