@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from queue import Empty, PriorityQueue
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import dramatiq
 import redis
@@ -28,9 +28,6 @@ from dramatiq.worker import ConsumerThread, _WorkQueueItem
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.jobs import FAILED_KEEP
-
-if TYPE_CHECKING:
-    from engine.broker.loop_consumer import LoopConsumer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +87,23 @@ class WorkQueue:
         """What waits now, most urgent first (a copy, for readers on other threads)."""
         with self.mutex:
             return [item for priority in self._order for item in self._lanes[priority]]
+
+
+class ReadyQueues(Protocol):
+    """What fetches the ready queues instead of consumer threads (Redis: the loop's own
+    consumer, engine/broker/loop_consumer.py)."""
+
+    def add(self, queue: str) -> None:
+        """Start fetching `queue`."""
+
+    def settled(self, message: MessageProxy) -> None:
+        """`message` is settled: it no longer counts against its queue's prefetch."""
+
+    def dead(self) -> list[str]:
+        """Queues whose fetching has stopped unasked."""
+
+    async def close(self) -> None:
+        """Stop fetching; hand back what was fetched and not started."""
 
 
 def discard_outstanding(consumer_thread: ConsumerThread, message: MessageProxy) -> None:
@@ -233,7 +247,7 @@ class LoopWorker(dramatiq.Worker):
         # redelivers whatever a lost connection had not acknowledged), re-holding long delays.
         self.consumer_factory = consumer_factory
         # Redis: the ready queues are fetched on the event loop (engine/broker/loop_consumer.py).
-        self.loop_consumer: LoopConsumer | None = None
+        self.loop_consumer: ReadyQueues | None = None
 
     def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
         if queue_name in self.consumers:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from queue import Empty
@@ -42,6 +41,7 @@ from engine.broker.dramatiq_worker import LoopWorker
 from engine.broker.ledger import Ledger, deferred
 from engine.errors import BrokerUnavailable, RedisReplyError, RedisUnavailable
 from engine.store.fastredis import Arg, FastRedis
+from engine.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Executor:
         self._finished: list[Finished] = []
         self._held: set[str] = set()  # redis ids taken from the work queue, not yet settled
         self._settler: asyncio.Task[None] | None = None
-        self._last_warning = 0.0
+        self._log = LogThrottle(log, WARN_EVERY_S)
         worker.work_queue.on_put = self._on_put
 
     @property
@@ -272,10 +272,7 @@ class Executor:
             )
 
     def _warn(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_EVERY_S:
-            self._last_warning = now
-            log.warning("%s: %r", what, exc)
+        self._log.warning("redis", "%s: %r", what, exc)
 
     # --- settling -----------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 import dramatiq
 from dramatiq.broker import MessageProxy
@@ -35,6 +34,7 @@ from engine.broker.dramatiq_worker import WorkItem, WorkQueue
 from engine.broker.jobs import FAILED_KEEP
 from engine.errors import RedisReplyError, RedisUnavailable
 from engine.store.fastredis import Arg, FastRedis
+from engine.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class LoopConsumer:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._fetching: set[str] = set()  # queues whose fetch is awaiting its reply
         self._closing = False
-        self._last_warning = 0.0
+        self._log = LogThrottle(log, WARN_EVERY_S)
 
     def owns(self, queue: str) -> bool:
         return queue in self._tasks
@@ -176,10 +176,7 @@ class LoopConsumer:
             self.settled(message)
 
     def _warn(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_EVERY_S:
-            self._last_warning = now
-            log.warning("%s: %r", what, exc)
+        self._log.warning("redis", "%s: %r", what, exc)
 
     async def close(self) -> None:
         """Stop fetching, and hand back to their queues the messages fetched and not started
