@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import pytest
 import pytest_asyncio
 from dramatiq.broker import MessageProxy
 
@@ -143,17 +144,30 @@ async def test_close_hands_back_what_was_fetched_and_not_started(rig: Rig) -> No
     assert {m.decode() for m in listed} == set(sent)
 
 
-async def test_a_worker_whose_fetching_task_ended_exits_to_be_replaced(rig: Rig) -> None:
+class BrokenWorkQueue(WorkQueue):
+    """A fault no real run produces: a bug past the fetch, which ends the queue's task."""
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        raise RuntimeError("a bug")
+
+
+async def test_a_worker_whose_fetching_task_failed_logs_it_and_exits_to_be_replaced(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = LoopConsumer(
+        rig.broker, rig.queue, BrokenWorkQueue(), prefetch=PREFETCH, poll_ms=POLL_MS
+    )
     worker = make_worker(Settings(), rig.broker)
-    worker.loop_consumer = rig.consumer
+    worker.loop_consumer = broken
     worker._add_consumer("medium")  # as Dramatiq's Worker.start does for each ready queue
     assert worker.consumers == {}  # no thread for it
     assert worker.dead_consumers() == []
-    # No real fault ends the task (Redis errors are retried): end it from outside.
-    rig.consumer._tasks["medium"].cancel()
+    rig.send(1)
     code = await asyncio.wait_for(_watch(worker, asyncio.Event()), 10)
     assert code == EXIT_CONSUMER_DIED
     assert worker.dead_consumers() == ["medium"]
+    assert any("consume medium failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    await broken.close()
 
 
 async def test_it_outlives_a_redis_restart_and_fetches_again(tmp_path: Path) -> None:

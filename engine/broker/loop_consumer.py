@@ -77,9 +77,13 @@ class LoopConsumer:
             return
         self._unsettled[queue] = set()
         self._room[queue] = asyncio.Event()
-        self._tasks[queue] = asyncio.get_running_loop().create_task(
-            self._consume(queue), name=f"consume {queue}"
-        )
+        task = asyncio.get_running_loop().create_task(self._consume(queue), name=f"consume {queue}")
+        task.add_done_callback(self._ended)
+        self._tasks[queue] = task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not self._closing and not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
 
     def settled(self, message: MessageProxy) -> None:
         """`message` is settled: it no longer counts against its queue's prefetch."""
