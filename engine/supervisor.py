@@ -9,9 +9,17 @@ restart. SIGTERM/SIGINT are forwarded so children drain; a second signal kills t
 
 from __future__ import annotations
 
+# The recovery thread below runs while the main thread forks replacement workers, and a
+# module that a thread is importing at the moment of a fork stays half-imported in the child
+# for good (a replacement worker once failed every connection with "unknown encoding:
+# idna"). So what redis-py imports lazily on its first connection is imported here, before
+# any fork; tests/test_engine_supervisor.py checks that a hand-back imports nothing more.
+import encodings.idna  # noqa: F401
+import hmac  # noqa: F401
 import logging
 import os
 import queue
+import secrets  # noqa: F401
 import signal
 import socket
 import threading

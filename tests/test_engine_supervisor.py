@@ -24,6 +24,7 @@ import pytest_asyncio
 from engine.store import keys
 from engine.supervisor import EXIT_KILLED, EXIT_OK
 from sandbox.timeline import SLOW_PREFIX  # answered after 60 s
+from tests.conftest import closed_port
 from tests.engine_support import (
     DB_QUEUE,
     Engine,
@@ -309,3 +310,37 @@ def test_a_malformed_worker_count_stops_the_supervisor_with_one_line(tmp_path: P
     assert "abc" in stderr
     assert "Traceback" not in stderr
     assert result.stdout == b""
+
+
+_RECOVERY_IMPORTS = """
+import sys, time
+from engine.settings import Settings
+from engine.supervisor import Recovery
+live, dead = sys.argv[1], sys.argv[2]
+before = set(sys.modules)
+up = Recovery(Settings().with_overrides(redis_url=live, db_queue=14))
+up.submit(1, "fork-safety:1:1:1")
+assert up.wait_idle(10)
+down = Recovery(Settings().with_overrides(redis_url=dead, db_queue=14))
+down.submit(1, "fork-safety:1:1:1")
+time.sleep(1.0)  # a failed attempt or two, and their warnings
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_the_recovery_thread_imports_nothing_that_a_fork_could_catch_half_done(
+    redis_url: str,
+) -> None:
+    # The supervisor forks replacements while its recovery thread hands a dead worker's
+    # messages back. A module that thread imports at the moment of a fork stays half-imported
+    # in the child for good: a replacement worker once failed every connection with
+    # "unknown encoding: idna". So the supervisor imports all of it up front.
+    closed = f"redis://127.0.0.1:{closed_port()}"
+    found = subprocess.run(
+        [sys.executable, "-c", _RECOVERY_IMPORTS, redis_url, closed],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert found.stdout.strip() == "[]", found.stdout
