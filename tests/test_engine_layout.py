@@ -81,6 +81,17 @@ def state(url: str, db: int, ids: list[str]) -> dict[bytes, Any]:
     return found
 
 
+def broker_on_ours(url: str) -> layout.PrefetchBroker:
+    """Dramatiq's broker (ours: it writes as RedisBroker does) on our DB, as the worker."""
+    broker = layout.PrefetchBroker(  # type: ignore[no-untyped-call]
+        client=redis.Redis.from_url(url, db=OURS),
+        namespace=layout.NAMESPACE,
+        middleware=[],
+    )
+    broker.broker_id = WORKER_ID
+    return broker
+
+
 def message(priority: str = "medium") -> dramatiq.Message[Any]:
     uid = user()
     return dramatiq.Message(
@@ -133,12 +144,7 @@ async def test_settle_acks_nacks_and_hands_back_as_dramatiqs_dispatch_does(
     dbs: tuple[FastRedis, RedisBroker], redis_url: str
 ) -> None:
     ours, dramatiq_broker = dbs
-    ours_broker = RedisBroker(  # type: ignore[no-untyped-call]
-        client=redis.Redis.from_url(redis_url, db=OURS),
-        namespace=layout.NAMESPACE,
-        middleware=[],
-    )
-    ours_broker.broker_id = WORKER_ID
+    ours_broker = broker_on_ours(redis_url)
     msgs = [message() for _ in range(3)]
     ids: dict[int, list[str]] = {}
     for db, broker in ((OURS, ours_broker), (DRAMATIQ, dramatiq_broker)):
@@ -162,12 +168,7 @@ async def test_fetch_moves_messages_as_dramatiqs_consumer_fetch_does(
     dbs: tuple[FastRedis, RedisBroker], redis_url: str
 ) -> None:
     ours, dramatiq_broker = dbs
-    ours_broker = layout.PrefetchBroker(  # type: ignore[no-untyped-call]
-        client=redis.Redis.from_url(redis_url, db=OURS),
-        namespace=layout.NAMESPACE,
-        middleware=[],
-    )
-    ours_broker.broker_id = WORKER_ID
+    ours_broker = broker_on_ours(redis_url)
     msgs = [message() for _ in range(5)]
     ids: dict[int, list[str]] = {}
     replies: dict[int, list[Any]] = {}
@@ -216,12 +217,7 @@ async def test_promote_moves_a_due_message_as_dramatiq_does_keeping_its_id(
     dbs: tuple[FastRedis, RedisBroker], redis_url: str
 ) -> None:
     ours, dramatiq_broker = dbs
-    ours_broker = RedisBroker(  # type: ignore[no-untyped-call]
-        client=redis.Redis.from_url(redis_url, db=OURS),
-        namespace=layout.NAMESPACE,
-        middleware=[],
-    )
-    ours_broker.broker_id = WORKER_ID
+    ours_broker = broker_on_ours(redis_url)
     msg = message()
     fetched = {}
     for db, broker in ((OURS, ours_broker), (DRAMATIQ, dramatiq_broker)):
