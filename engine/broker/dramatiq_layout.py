@@ -172,7 +172,7 @@ async def fetch(redis: FastRedis, broker: RedisBroker, queue: str, count: int) -
     return list(reply or ())
 
 
-def rejection_group(message: Any, reason: str, attempts: int) -> list[Arg]:
+def rejection_group(message: Any, exc: BaseException | None) -> list[Arg]:
     """A settle group that dead-letters a message Dramatiq refuses to run (an unknown actor),
     with a failed-list record saying why."""
     args = message.args
@@ -180,8 +180,8 @@ def rejection_group(message: Any, reason: str, attempts: int) -> list[Arg]:
         id=str(message.message_id),
         userId=args[0] if args and isinstance(args[0], str) else "",
         priority=q_name(message.queue_name),
-        failedReason=reason,
-        attempts=attempts,
+        failedReason=f"rejected by Dramatiq: {exc!r}",
+        attempts=int(message.options.get("retries", 0)) + 1,
         timestamp=int(time.time() * 1000),
     )
     ledger = Ledger()

@@ -210,11 +210,7 @@ class Consumer(ConsumerThread):
             super().post_process_message(message)
             return
         # Only Dramatiq's own rejections come here (the executor settles the jobs it runs).
-        group = layout.rejection_group(
-            message,
-            f"rejected by Dramatiq: {message._exception!r}",
-            int(message.options.get("retries", 0)) + 1,
-        )
+        group = layout.rejection_group(message, message._exception)
         try:
             self._scripts()[1](
                 keys=layout.settle_keys(),

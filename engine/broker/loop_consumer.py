@@ -168,10 +168,8 @@ class LoopConsumer:
         groups: list[Arg] = []
         for message in messages:
             log.error("received a message for the undefined actor %r", message.actor_name)
-            reason = f"rejected by Dramatiq: {dramatiq.ActorNotFound(message.actor_name)!r}"  # type: ignore[no-untyped-call]
-            groups += layout.rejection_group(
-                message, reason, int(message.options.get("retries", 0)) + 1
-            )
+            missing = dramatiq.ActorNotFound(message.actor_name)  # type: ignore[no-untyped-call]
+            groups += layout.rejection_group(message, missing)
         try:
             await layout.settle(self._redis, str(self._broker.broker_id), groups, FAILED_KEEP)
         except (RedisUnavailable, RedisReplyError) as exc:
@@ -197,16 +195,18 @@ class LoopConsumer:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         waiting: list[WorkItem] = list(iter_queue(self._work_queue))  # type: ignore[no-untyped-call]
         groups: list[Arg] = []
+        handed = 0
         for item in waiting:
             message = item.message
             if self.owns(message.queue_name):
                 redis_id = message.options["redis_message_id"]
                 groups += layout.settle_group("back", message.queue_name, redis_id, None)
+                handed += 1
             else:
                 self._work_queue.put(item)  # a delay queue consumer's: Dramatiq's stop
-        if not groups:
+        if not handed:
             return
         try:
             await layout.settle(self._redis, str(self._broker.broker_id), groups, FAILED_KEEP)
         except (RedisUnavailable, RedisReplyError) as exc:
-            log.warning("could not hand back %d fetched messages: %r", len(groups) // 4, exc)
+            log.warning("could not hand back %d fetched messages: %r", handed, exc)

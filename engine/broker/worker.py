@@ -147,8 +147,6 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         else:
             assert isinstance(broker, layout.PrefetchBroker)
             settler = RedisSettler(broker, worker, queue, FAILED_KEEP)
-        executor = Executor(broker, worker, settler, handlers, concurrency=settings.job_concurrency)
-        if isinstance(broker, layout.PrefetchBroker):
             worker.loop_consumer = LoopConsumer(
                 broker,
                 queue,
@@ -156,6 +154,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
                 prefetch=settings.queue_prefetch,
                 poll_ms=POLL_TIMEOUT_MS,
             )
+        executor = Executor(broker, worker, settler, handlers, concurrency=settings.job_concurrency)
         broker.emit_after("process_boot")
         worker.start()
         executor.start()
