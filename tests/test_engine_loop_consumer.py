@@ -170,15 +170,25 @@ async def test_a_worker_whose_fetching_task_failed_logs_it_and_exits_to_be_repla
     await broken.close()
 
 
-async def test_it_outlives_a_redis_restart_and_fetches_again(tmp_path: Path) -> None:
+async def test_it_outlives_a_redis_restart_and_fetches_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     server = await PrivateRedis(tmp_path / "redis", "--appendonly", "yes").start()
     queue = FastRedis(server.url, 0)
     made = rig_on(server.url, 0, queue)
+
+    async def fetched_once() -> bool:  # dispatch.lua beats the heartbeat on every fetch
+        return await queue.execute("ZSCORE", layout.HEARTBEATS, BROKER_ID) is not None
+
+    def fetch_failed() -> bool:
+        return any("could not fetch from medium" in r.getMessage() for r in caplog.records)
+
     try:
         made.consumer.add("medium")
-        await asyncio.sleep(POLL_MS / 1000)
+        await wait_for(fetched_once, 5, "a first fetch")
         server.kill()
         # Down: fetches fail, and the task keeps trying instead of dying.
+        await wait_for(fetch_failed, 10, "a failed fetch logged")
         await holds_for(lambda: made.consumer.dead() == [], 1.5, "the task alive")
         await server.start()
         sent = made.send(2)

@@ -313,17 +313,25 @@ def test_a_malformed_worker_count_stops_the_supervisor_with_one_line(tmp_path: P
 
 
 _RECOVERY_IMPORTS = """
-import sys, time
+import logging, sys, threading
 from engine.settings import Settings
 from engine.supervisor import Recovery
 live, dead = sys.argv[1], sys.argv[2]
+failed = threading.Event()
+
+class Failed(logging.Handler):
+    def emit(self, record):
+        if "could not requeue" in record.getMessage():
+            failed.set()
+
+logging.getLogger("engine.supervisor").addHandler(Failed())
 before = set(sys.modules)
 up = Recovery(Settings().with_overrides(redis_url=live, db_queue=14))
 up.submit(1, "fork-safety:1:1:1")
 assert up.wait_idle(10)
 down = Recovery(Settings().with_overrides(redis_url=dead, db_queue=14))
 down.submit(1, "fork-safety:1:1:1")
-time.sleep(1.0)  # a failed attempt or two, and their warnings
+assert failed.wait(30), "no failed hand-back was logged"
 print(sorted(set(sys.modules) - before))
 """
 
