@@ -67,7 +67,12 @@ async def one_round(url: str, messages: int, concurrency: int) -> dict[str, floa
         broker, worker, settler, dict.fromkeys(handlers, count), concurrency=concurrency
     )
     worker.loop_consumer = LoopConsumer(
-        broker, queue, worker.work_queue, prefetch=settings.queue_prefetch, poll_ms=POLL_TIMEOUT_MS
+        broker,
+        queue,
+        worker.work_queue,
+        prefetch=settings.queue_prefetch,
+        delay_prefetch=settings.delay_queue_prefetch,
+        poll_ms=POLL_TIMEOUT_MS,
     )
     loop_tid = threading.get_native_id()
     cpu0, loop0, wall0 = time.process_time(), _thread_cpu_s(loop_tid), time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,24 @@ async def test_fetch_moves_messages_as_dramatiqs_consumer_fetch_does(
     # Its heartbeat, as Dramatiq's fetch beats it.
     beat = await ours.execute("ZSCORE", layout.HEARTBEATS, WORKER_ID)
     assert beat is not None
+    ours_broker.close()
+
+
+async def test_a_beat_writes_the_heartbeat_dramatiqs_dispatch_writes(
+    dbs: tuple[FastRedis, RedisBroker], redis_url: str
+) -> None:
+    ours, dramatiq_broker = dbs
+    ours_broker = broker_on_ours(redis_url)
+    before = int(time.time() * 1000)
+    dramatiq_broker.do_fetch("medium", 1)  # an empty queue: only the heartbeat is written
+    await layout.beat(ours, ours_broker)
+    theirs = redis.Redis.from_url(redis_url, db=DRAMATIQ).zrange(
+        layout.HEARTBEATS, 0, -1, withscores=True
+    )
+    mine = await ours.execute("ZRANGE", layout.HEARTBEATS, 0, -1, "WITHSCORES")
+    assert theirs[0][0] == mine[0] == WORKER_ID.encode()
+    assert before <= int(mine[1]) <= int(time.time() * 1000)
+    assert before <= int(theirs[0][1]) <= int(time.time() * 1000)
     ours_broker.close()
 
 

@@ -1,4 +1,4 @@
-"""The ready queues fetched on the event loop (engine/broker/loop_consumer.py), on real Redis.
+"""The queues fetched on the event loop (engine/broker/loop_consumer.py), on real Redis.
 
 Each test builds the worker's own broker (its middleware and actors) and a LoopConsumer
 over a real work queue, and reads the result in Redis: Dramatiq's queue list, this broker
@@ -8,6 +8,9 @@ id's ack set, its dead-letter set, and our failed list.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ import dramatiq
 import pytest
 import pytest_asyncio
 from dramatiq.broker import MessageProxy
+from dramatiq.common import current_millis
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.dramatiq_worker import WorkQueue
@@ -26,9 +30,12 @@ from engine.broker.worker import EXIT_CONSUMER_DIED, _watch, make_broker, make_w
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
+from engine.supervisor import EXIT_OK
+from sandbox.timeline import SLOW_PREFIX  # answered after 60 s
 from tests.engine_support import DB_QUEUE, Engine, PrivateRedis, holds_for, user, wait_for
 
 BROKER_ID = "loop-consumer-test"
+DQ_MSGS = layout.messages_key("medium.DQ")
 PREFETCH = 4
 POLL_MS = 50
 
@@ -40,8 +47,9 @@ class Rig:
     work: WorkQueue
     consumer: LoopConsumer
 
-    def send(self, count: int, actor: str | None = None) -> list[str]:
-        """Enqueue `count` single-user jobs through Dramatiq; their redis ids."""
+    def send(self, count: int, actor: str | None = None, delay_ms: int = 0) -> list[str]:
+        """Enqueue `count` single-user jobs through Dramatiq (delayed: on `medium.DQ`); their
+        redis ids."""
         ids = []
         for _ in range(count):
             uid = user()
@@ -52,15 +60,20 @@ class Rig:
                 kwargs=job_kwargs("schedule", False),
                 options={},
             )
-            ids.append(self.broker.enqueue(message).options["redis_message_id"])
+            sent = self.broker.enqueue(message, delay=delay_ms or None)
+            ids.append(sent.options["redis_message_id"])
         return ids
 
     async def waiting(self) -> int:
         return int(await self.queue.execute("LLEN", layout.queue_key("medium")))
 
-    async def held(self) -> set[str]:
-        members = await self.queue.execute("SMEMBERS", layout.acks_key(BROKER_ID, "medium"))
+    async def held(self, queue: str = "medium") -> set[str]:
+        members = await self.queue.execute("SMEMBERS", layout.acks_key(BROKER_ID, queue))
         return {m.decode() for m in members}
+
+    async def listed(self, queue: str = "medium") -> list[str]:
+        ids = await self.queue.execute("LRANGE", layout.queue_key(queue), 0, -1)
+        return [i.decode() for i in ids]
 
     def take(self) -> list[MessageProxy]:
         taken = []
@@ -83,7 +96,9 @@ def rig_on(url: str, db: int, queue: FastRedis) -> Rig:
     broker, _, _ = make_broker(settings, BROKER_ID)
     assert isinstance(broker, layout.PrefetchBroker)
     work = WorkQueue()
-    consumer = LoopConsumer(broker, queue, work, prefetch=PREFETCH, poll_ms=POLL_MS)
+    consumer = LoopConsumer(
+        broker, queue, work, prefetch=PREFETCH, delay_prefetch=PREFETCH, poll_ms=POLL_MS
+    )
     return Rig(queue, broker, work, consumer)
 
 
@@ -155,7 +170,12 @@ async def test_a_worker_whose_fetching_task_failed_logs_it_and_exits_to_be_repla
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     broken = LoopConsumer(
-        rig.broker, rig.queue, BrokenWorkQueue(), prefetch=PREFETCH, poll_ms=POLL_MS
+        rig.broker,
+        rig.queue,
+        BrokenWorkQueue(),
+        prefetch=PREFETCH,
+        delay_prefetch=PREFETCH,
+        poll_ms=POLL_MS,
     )
     worker = make_worker(Settings(), rig.broker)
     worker.loop_consumer = broken
@@ -214,3 +234,111 @@ async def test_close_right_after_a_settle_frees_room_stops_the_fetching(rig: Rig
     assert await rig.held() == set()
     await holds_for(lambda: rig.work.empty(), POLL_MS * 4 / 1000, "nothing fetched after close")
     assert await rig.waiting() == 10 - PREFETCH
+
+
+# --- delay queues -----------------------------------------------------------------------------
+
+
+async def test_a_delayed_message_is_held_until_its_eta_then_moved_to_its_queue_under_its_id(
+    rig: Rig,
+) -> None:
+    (rid,) = rig.send(1, delay_ms=1_500)
+    eta = dramatiq.Message.decode(await rig.queue.execute("HGET", DQ_MSGS, rid)).options["eta"]
+    rig.consumer.add("medium")
+    rig.consumer.add("medium.DQ")
+    await wait_for(lambda: rig.consumer.held_ids() == {rid}, 5, "the delayed message held")
+    if current_millis() < eta - 200:  # still before its eta: it waits, in this worker's ack set
+        assert await rig.held("medium.DQ") == {rid}
+        assert await rig.listed("medium") == []
+        assert rig.work.empty()
+    await wait_for(lambda: rig.work.qsize() == 1, 10, "the promoted message fetched")
+    assert current_millis() >= eta
+    (message,) = rig.take()
+    assert message.options["redis_message_id"] == rid  # the same id: a pending mark follows it
+    assert message.queue_name == "medium" and "eta" not in message.options
+    assert rig.consumer.held_ids() == set()
+    assert await rig.held("medium.DQ") == set()
+    assert await rig.queue.execute("HLEN", DQ_MSGS) == 0
+
+
+async def test_delayed_messages_come_out_in_eta_order_whatever_their_fetch_order(
+    rig: Rig,
+) -> None:
+    late = rig.send(1, delay_ms=2_000)
+    early = rig.send(1, delay_ms=600)
+    rig.consumer.add("medium.DQ")
+    await wait_for(lambda: len(rig.consumer.held_ids()) == 2, 5, "both held")
+    await wait_for(lambda: len(rig.consumer.held_ids()) == 1, 10, "the first promoted")
+    assert rig.consumer.held_ids() == set(late)
+    assert await rig.listed("medium") == early
+    await wait_for(lambda: not rig.consumer.held_ids(), 10, "the second promoted")
+    assert await rig.listed("medium") == early + late
+
+
+async def test_close_hands_back_the_delayed_messages_it_holds(rig: Rig) -> None:
+    sent = rig.send(3, delay_ms=60_000)
+    rig.consumer.add("medium.DQ")
+    await wait_for(lambda: len(rig.consumer.held_ids()) == 3, 5, "all held")
+    await rig.consumer.close()
+    assert rig.consumer.held_ids() == set()
+    assert await rig.held("medium.DQ") == set()
+    assert sorted(await rig.listed("medium.DQ")) == sorted(sent)  # waiting there for another
+    assert await rig.listed("medium") == []
+
+
+async def test_a_promotion_that_fails_while_redis_is_down_is_kept_and_made_once_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (Under maxmemory Redis still runs promote.lua whole: its first write, SREM, frees memory,
+    # and a script that has written is not stopped halfway. A dead server is the real fault.)
+    server = await PrivateRedis(
+        tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always"
+    ).start()
+    queue = FastRedis(server.url, 0)
+    made = rig_on(server.url, 0, queue)
+
+    def promotion_failed() -> bool:
+        return any("could not move 1 delayed" in r.getMessage() for r in caplog.records)
+
+    try:
+        (rid,) = made.send(1, delay_ms=1_000)
+        made.consumer.add("medium.DQ")
+        await wait_for(lambda: made.consumer.held_ids() == {rid}, 5, "the delayed message held")
+        server.kill()
+        await wait_for(promotion_failed, 10, "a failed promotion logged")
+        assert made.consumer.held_ids() == {rid}  # kept, and in the reclaimer's view
+        assert made.consumer.dead() == []
+        await server.start()
+        await wait_for(lambda: not made.consumer.held_ids(), 10, "promoted once Redis is back")
+        assert await made.listed("medium") == [rid]
+        assert await made.held("medium.DQ") == set()
+    finally:
+        await made.consumer.close()
+        made.broker.close()
+        await queue.close()
+        server.stop()
+
+
+async def test_a_draining_worker_keeps_its_heartbeat_after_it_stops_fetching(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Its fetches beat the heartbeat, and they stop as the drain starts; a drain longer than
+    # the heartbeat timeout (15 s) would otherwise let another worker's maintenance hand back
+    # the jobs still running here. The worker beats every third of it meanwhile.
+    async with Engine.open(tmp_path, redis_url) as engine:
+        supervisor = await engine.start_worker(
+            PREFETCH_WORKER_COUNT="1", PREFETCH_SHUTDOWN_TIMEOUT="7000"
+        )
+        slow = user(SLOW_PREFIX)
+        await engine.jobs.schedule(slow, "high")
+        await wait_for(lambda: engine.fetches(slow), 5, "the slow fetch to start")
+        os.kill(supervisor.pid, signal.SIGTERM)
+        signalled_ms = int(time.time() * 1000)
+
+        async def beaten_while_draining() -> bool:
+            beats = await engine.queue.execute("ZRANGE", layout.HEARTBEATS, 0, -1, "WITHSCORES")
+            return any(int(score) >= signalled_ms + 4_000 for score in beats[1::2])
+
+        await wait_for(beaten_while_draining, 8, "a heartbeat 4 s into the drain")
+        assert supervisor.proc.poll() is None, "still draining: the beat came from the drain"
+        assert await supervisor.wait_exit(8) == EXIT_OK

@@ -172,6 +172,24 @@ async def fetch(redis: FastRedis, broker: RedisBroker, queue: str, count: int) -
     return list(reply or ())
 
 
+async def promote(redis: FastRedis, broker_id: str, message: Any) -> bool:
+    """Move a delayed message (fetched from `Q.DQ` by this broker id) to `Q` under the same id,
+    without its eta, in one step (promote.lua). False if it was no longer in the ack set."""
+    ready = message.copy(queue_name=q_name(message.queue_name))  # options: a copy of its own
+    del ready.options["eta"]
+    reply = await redis.evalsha_or_eval(
+        PROMOTE,
+        [NAMESPACE],
+        [broker_id, ready.queue_name, message.options["redis_message_id"], ready.encode()],
+    )
+    return bool(reply == 1)
+
+
+async def beat(redis: FastRedis, broker: RedisBroker) -> None:
+    """This broker id's heartbeat, as dispatch.lua beats it on every command."""
+    await redis.execute("ZADD", HEARTBEATS, int(time.time() * 1000), str(broker.broker_id))
+
+
 def rejection_group(message: Any, exc: BaseException | None) -> list[Arg]:
     """A settle group that dead-letters a message Dramatiq refuses to run (an unknown actor),
     with a failed-list record saying why."""

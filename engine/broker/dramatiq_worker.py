@@ -89,15 +89,18 @@ class WorkQueue:
             return [item for priority in self._order for item in self._lanes[priority]]
 
 
-class ReadyQueues(Protocol):
-    """What fetches the ready queues instead of consumer threads (Redis: the loop's own
-    consumer, engine/broker/loop_consumer.py)."""
+class LoopQueues(Protocol):
+    """What fetches the queues instead of consumer threads (Redis: the loop's own consumer,
+    engine/broker/loop_consumer.py)."""
 
     def add(self, queue: str) -> None:
-        """Start fetching `queue`."""
+        """Start fetching `queue` (a ready or a delay queue)."""
 
     def settled(self, message: MessageProxy) -> None:
         """`message` is settled: it no longer counts against its queue's prefetch."""
+
+    def held_ids(self) -> set[str]:
+        """Redis ids of the delayed messages held until their eta."""
 
     def dead(self) -> list[str]:
         """Queues whose fetching has stopped unasked."""
@@ -242,13 +245,13 @@ class LoopWorker(dramatiq.Worker):
         # Redis: the hardened `Consumer` above. RabbitMQ: Dramatiq's own thread (whose broker
         # redelivers whatever a lost connection had not acknowledged), re-holding long delays.
         self.consumer_factory = consumer_factory
-        # Redis: the ready queues are fetched on the event loop (engine/broker/loop_consumer.py).
-        self.loop_consumer: ReadyQueues | None = None
+        # Redis: every queue is fetched on the event loop (engine/broker/loop_consumer.py).
+        self.loop_consumer: LoopQueues | None = None
 
     def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
         if queue_name in self.consumers:
             return
-        if self.loop_consumer is not None and not delay:
+        if self.loop_consumer is not None:
             self.loop_consumer.add(queue_name)
             return
         consumer = self.consumers[queue_name] = self.consumer_factory(
@@ -294,6 +297,8 @@ class LoopWorker(dramatiq.Worker):
                 held.add(dramatiq.Message.decode(data).options["redis_message_id"])
             held.update(_queued_ids(thread.delay_queue))
         held.update(item.message.options["redis_message_id"] for item in self.work_queue.items())
+        if self.loop_consumer is not None:
+            held |= self.loop_consumer.held_ids()
         return held
 
 

@@ -1,8 +1,8 @@
 """A worker process: uvloop, Dramatiq's consumers, the job executor, one Runtime.
 
-Built entirely after fork by `run_worker`. On Redis the ready queues are fetched on this
-process's loop (engine/broker/loop_consumer.py) and the delay queues by Dramatiq's consumer
-threads; on RabbitMQ Dramatiq's consumer threads fetch every queue. The executor runs the
+Built entirely after fork by `run_worker`. On Redis every queue, ready or delayed, is fetched
+on this process's loop (engine/broker/loop_consumer.py); on RabbitMQ Dramatiq's consumer
+threads fetch them. The executor runs the
 messages as coroutines on the loop, `PREFETCH_JOB_CONCURRENCY` at once, and settles them in
 batches (engine/broker/executor.py).
 """
@@ -32,10 +32,12 @@ from engine.broker.loop_consumer import LoopConsumer
 from engine.broker.rabbit_broker import PrefetchRabbitBroker, RabbitConsumer, make_rabbit_broker
 from engine.broker.rabbit_settle import RabbitSettler
 from engine.broker.reclaim import Reclaimer
+from engine.errors import RedisReplyError, RedisUnavailable
 from engine.metrics import prometheus, tally
 from engine.process import set_title, settle_heap
 from engine.runtime import open_runtime, queue_client
 from engine.settings import Settings
+from engine.store.fastredis import FastRedis
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
                 queue,
                 worker.work_queue,
                 prefetch=settings.queue_prefetch,
+                delay_prefetch=settings.delay_queue_prefetch,
                 poll_ms=POLL_TIMEOUT_MS,
             )
         executor = Executor(broker, worker, settler, handlers, concurrency=settings.job_concurrency)
@@ -178,11 +181,17 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         draining = asyncio.create_task(
             executor.drain(settings.prefetch_shutdown_timeout_ms / 1000), name="drain"
         )
+        beating: asyncio.Task[None] | None = None
         if worker.loop_consumer is not None:
-            # Fetch no more, and hand back what waits unstarted (the drain takes nothing new;
-            # the delay queues' threads keep this worker's heartbeat until worker.stop).
+            # Fetch no more, and hand back what waits unstarted or delayed (the drain takes
+            # nothing new). The fetches beat this worker's heartbeat: without it, another
+            # worker's maintenance would hand back the jobs still running here.
+            assert isinstance(broker, layout.PrefetchBroker)
+            beating = asyncio.create_task(_beat(queue, broker), name="heartbeat")
             await worker.loop_consumer.close()
         stuck = await draining
+        if beating is not None:
+            beating.cancel()
         publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publishing
@@ -195,6 +204,16 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
             await settler.close()
     broker.close()
     return code
+
+
+async def _beat(redis: FastRedis, broker: layout.PrefetchBroker) -> None:
+    """Beat this worker's heartbeat three times per timeout, until cancelled."""
+    while True:
+        try:
+            await layout.beat(redis, broker)
+        except (RedisUnavailable, RedisReplyError) as exc:
+            log.info("heartbeat skipped: %r", exc)
+        await asyncio.sleep(broker.heartbeat_timeout / 3000)
 
 
 def _publish(executor: Executor) -> None:
