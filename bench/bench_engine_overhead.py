@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.bench_engine_overhead --messages 30000 --rounds 3
 
-What a worker spends on a message besides the job itself: the fetch and decode (on the loop,
-or in Dramatiq's consumer threads), the work queue, the executor's task, the middleware hooks
+What a worker spends on a message besides the job itself: the fetch and decode (on the
+loop), the work queue, the executor's task, the middleware hooks
 (CurrentMessage, JobOutcome, Retries) and the batched settle with its acknowledgement. This
 process builds a worker's broker, LoopWorker, executor and settler (engine/broker/worker.py
 does the same, around a real actor) on a real Redis (REDIS_URL, else an embedded Valkey; the

@@ -21,10 +21,12 @@ import dramatiq
 import pytest
 import pytest_asyncio
 import redis
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.worker import ConsumerThread, Worker
+from dramatiq.worker import Worker
 
 from engine.broker import dramatiq_layout as layout
+from engine.broker.dramatiq_worker import WorkItem
 from engine.broker.jobs import JobQueue, job_kwargs
 from engine.broker.worker import broker_pool
 from engine.settings import Settings
@@ -264,34 +266,13 @@ async def test_promote_moves_a_due_message_as_dramatiq_does_keeping_its_id(
     ours_broker.close()
 
 
-def test_the_dramatiq_internals_the_executor_uses_are_there(redis_url: str) -> None:
+def test_the_dramatiq_internals_the_executor_uses_are_there() -> None:
     assert dramatiq.__version__.startswith("2.2."), "re-check dramatiq_worker.py, then the pin"
     for name in ("_add_consumer", "consumers", "work_queue", "stop"):
         assert hasattr(Worker(RedisBroker(client=redis.Redis(), middleware=[])), name)  # type: ignore[no-untyped-call]
-    for name in ("close", "handle_delayed_messages", "post_process_message", "requeue_messages"):
-        assert callable(getattr(ConsumerThread, name))
-    broker = RedisBroker(client=redis.Redis.from_url(redis_url), middleware=[])  # type: ignore[no-untyped-call]
-    consumer = broker.consume("layout-test-queue")
-    assert isinstance(consumer.queued_message_ids, set)  # type: ignore[attr-defined]
-    assert isinstance(consumer.message_cache, list)  # type: ignore[attr-defined]
-    broker.close()
-
-
-async def test_a_consumers_prefetch_cache_holds_encoded_messages_the_reclaimer_can_read(
-    dbs: tuple[FastRedis, RedisBroker],
-) -> None:
-    # LoopWorker.held_ids decodes the cache to know which fetched ids it still holds.
-    _, broker = dbs
-    ids = {broker.enqueue(message()).options["redis_message_id"] for _ in range(3)}
-    consumer = broker.consume("medium", prefetch=3, timeout=100)
-    first = next(consumer)
-    assert first is not None
-    cached = {
-        dramatiq.Message.decode(data).options["redis_message_id"]
-        for data in consumer.message_cache  # type: ignore[attr-defined]
-    }
-    assert cached | {first.options["redis_message_id"]} == ids
-    consumer.close()
+    proxy = MessageProxy(message())
+    item = WorkItem(3, proxy)  # as the loop consumer builds them; WorkQueue reads both fields
+    assert item.priority == 3 and item.message is proxy
 
 
 def test_the_broker_pool_makes_a_burst_of_threads_wait_instead_of_failing(

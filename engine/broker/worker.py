@@ -25,7 +25,7 @@ from dramatiq.worker import ConsumerThread
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.actors import JobOutcome, RuntimeHolder, register_actors
-from engine.broker.dramatiq_worker import Consumer, LoopWorker
+from engine.broker.dramatiq_worker import LoopWorker
 from engine.broker.executor import Executor, Handler, RedisSettler
 from engine.broker.jobs import FAILED_KEEP, QUEUES
 from engine.broker.loop_consumer import LoopConsumer
@@ -56,10 +56,11 @@ EXIT_CONSUMER_DIED = 5
 
 
 def broker_pool(settings: Settings) -> redis.BlockingConnectionPool:
-    """The broker's redis-py pool, sized from the threads that use it.
+    """The broker's redis-py pool, sized from the threads that may use it.
 
-    Only the consumer threads (one per queue and delay queue) talk to Redis through
-    redis-py; a blocking pool makes a burst wait for a connection instead of failing with
+    The worker's fetches and settles go through FastRedis on its loop; redis-py serves what
+    Dramatiq itself sends (an enqueue outside a job's ledger, a consumer thread if one were
+    started). A blocking pool makes a burst wait for a connection instead of failing with
     `Too many connections` (redis-py's default pool is capped and raises).
     """
     consumers = 2 * len(QUEUES)
@@ -104,7 +105,8 @@ def make_broker(
 
 
 def make_worker(settings: Settings, broker: dramatiq.Broker) -> LoopWorker:
-    factory: Callable[..., ConsumerThread] = Consumer
+    """The worker; on Redis, `serve` gives it the loop consumer before it starts."""
+    factory: Callable[..., ConsumerThread] = ConsumerThread
     if isinstance(broker, PrefetchRabbitBroker):
         factory = functools.partial(RabbitConsumer, rehold_ms=settings.broker_rehold_ms)
     return LoopWorker(
