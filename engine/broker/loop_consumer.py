@@ -12,7 +12,7 @@ executor takes from.
 
 The delay queues (`Q.DQ`: retries, delayed schedules) are fetched the same way, up to their
 own prefetch, and held here until their eta; then each moves to its queue under the same id in
-one step (promote.lua), as the hardened consumer thread did before them. One timer serves
+one step (promote.lua), so that the user's pending mark keeps naming it. One timer serves
 them all, and fires at the earliest eta rather than at the next poll.
 
 As with Dramatiq's consumer, a queue has at most `prefetch` messages fetched and not yet

@@ -2,15 +2,14 @@
 
 A Dramatiq fetch moves message ids into the consumer's ack set and replies with their data
 in one script call. When the connection drops after the script ran but before the reply
-arrived (Redis killed, a network cut), or while fetched messages wait in a consumer's
-prefetch cache (which Dramatiq drops when it reconnects), those ids stay in this worker's
-ack set, and nothing runs them: the supervisor requeues a worker's ack sets only when the
+arrived (Redis killed, a network cut), or a message could not be decoded, those ids stay in
+this worker's ack set, and nothing runs them: the supervisor requeues a worker's ack sets only when the
 worker dies, and Dramatiq's heartbeat maintenance only for a worker that stopped beating.
 The job is lost for as long as the worker lives, and its user's pending mark swallows every
 new schedule meanwhile.
 
 So every `RECLAIM_EVERY_S` the worker compares its ack sets with the messages it holds (the
-consumers' caches and delay queues, the work queue, the executor's running and unsettled
+delayed messages held until their eta, the work queue, the executor's running and unsettled
 jobs). An id missing from all of them in two readings in a row (a fetch's reply in transit
 is in hand by the second) is handed back to its queue by settle.lua's `back`, which moves
 it only while it is still in this worker's ack set.
