@@ -3,8 +3,9 @@
 A Dramatiq fetch moves message ids into the consumer's ack set and replies with their data
 in one script call. When the connection drops after the script ran but before the reply
 arrived (Redis killed, a network cut), or a message could not be decoded, those ids stay in
-this worker's ack set, and nothing runs them: the supervisor requeues a worker's ack sets only when the
-worker dies, and Dramatiq's heartbeat maintenance only for a worker that stopped beating.
+this worker's ack set, and nothing runs them: the supervisor requeues a worker's ack sets
+only when the worker dies, and Dramatiq's heartbeat maintenance only for a worker that
+stopped beating.
 The job is lost for as long as the worker lives, and its user's pending mark swallows every
 new schedule meanwhile.
 
