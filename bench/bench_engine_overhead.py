@@ -28,8 +28,7 @@ from bench.common import BENCH_DBS, flush_bench_dbs, machine, print_table, redis
 from engine.broker import dramatiq_layout as layout
 from engine.broker.executor import Executor, RedisSettler
 from engine.broker.jobs import FAILED_KEEP, actor_name, job_kwargs
-from engine.broker.loop_consumer import LoopConsumer
-from engine.broker.worker import POLL_TIMEOUT_MS, make_broker, make_worker
+from engine.broker.worker import make_broker, make_loop_consumer, make_worker
 from engine.settings import Settings
 from engine.store.fastredis import FastRedis
 
@@ -66,14 +65,7 @@ async def one_round(url: str, messages: int, concurrency: int) -> dict[str, floa
     executor = Executor(
         broker, worker, settler, dict.fromkeys(handlers, count), concurrency=concurrency
     )
-    worker.loop_consumer = LoopConsumer(
-        broker,
-        queue,
-        worker.work_queue,
-        prefetch=settings.queue_prefetch,
-        delay_prefetch=settings.delay_queue_prefetch,
-        poll_ms=POLL_TIMEOUT_MS,
-    )
+    worker.loop_consumer = make_loop_consumer(settings, broker, queue, worker)
     loop_tid = threading.get_native_id()
     cpu0, loop0, wall0 = time.process_time(), _thread_cpu_s(loop_tid), time.perf_counter()
     worker.start()

@@ -118,6 +118,20 @@ def make_worker(settings: Settings, broker: dramatiq.Broker) -> LoopWorker:
     )
 
 
+def make_loop_consumer(
+    settings: Settings, broker: layout.PrefetchBroker, queue: FastRedis, worker: LoopWorker
+) -> LoopConsumer:
+    """A Redis worker's fetcher of every queue, on its loop, into the worker's work queue."""
+    return LoopConsumer(
+        broker,
+        queue,
+        worker.work_queue,
+        prefetch=settings.queue_prefetch,
+        delay_prefetch=settings.delay_queue_prefetch,
+        poll_ms=POLL_TIMEOUT_MS,
+    )
+
+
 def run_worker(settings: Settings, index: int, broker_id: str) -> int:
     """Body of a worker child: serve jobs until SIGTERM/SIGINT, then drain. Returns exit code."""
     set_title(f"prefetch: worker {index}")
@@ -151,14 +165,7 @@ async def serve(settings: Settings, index: int, broker_id: str) -> int:
         else:
             assert isinstance(broker, layout.PrefetchBroker)
             settler = RedisSettler(broker, worker, queue, FAILED_KEEP)
-            worker.loop_consumer = LoopConsumer(
-                broker,
-                queue,
-                worker.work_queue,
-                prefetch=settings.queue_prefetch,
-                delay_prefetch=settings.delay_queue_prefetch,
-                poll_ms=POLL_TIMEOUT_MS,
-            )
+            worker.loop_consumer = make_loop_consumer(settings, broker, queue, worker)
         executor = Executor(broker, worker, settler, handlers, concurrency=settings.job_concurrency)
         broker.emit_after("process_boot")
         worker.start()
