@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from dramatiq.common import current_millis
 
 from engine.broker import dramatiq_layout as layout
 from engine.broker.dramatiq_worker import WorkQueue
-from engine.broker.jobs import FAILED_KEEP, actor_name, job_kwargs
+from engine.broker.jobs import FAILED_KEEP, QUEUES, actor_name, job_kwargs
 from engine.broker.loop_consumer import LoopConsumer
 from engine.broker.worker import EXIT_CONSUMER_DIED, _watch, make_broker, make_worker
 from engine.settings import Settings
@@ -342,3 +343,37 @@ async def test_a_draining_worker_keeps_its_heartbeat_after_it_stops_fetching(
         await wait_for(beaten_while_draining, 8, "a heartbeat 4 s into the drain")
         assert supervisor.proc.poll() is None, "still draining: the beat came from the drain"
         assert await supervisor.wait_exit(8) == EXIT_OK
+
+
+async def test_idle_queues_are_polled_together_one_write_for_all(tmp_path: Path) -> None:
+    server = await PrivateRedis(tmp_path / "redis").start()
+    queue = FastRedis(server.url, 0)
+    counter = FastRedis(server.url, 0)  # INFO on a client of its own: not in `queue`'s writes
+    made = rig_on(server.url, 0, queue)
+
+    async def fetches() -> int:
+        info = (await counter.execute("INFO", "commandstats")).decode()
+        found = re.search(r"cmdstat_evalsha:calls=(\d+)", info)
+        return int(found.group(1)) if found else 0
+
+    try:
+        for name in QUEUES.values():
+            made.consumer.add(name)
+            made.consumer.add(f"{name}.DQ")
+        await wait_for(lambda: fetches_at_least(fetches, 60), 10, "the polls at their backoff")
+        writes, polled = queue.writes, await fetches()
+        await wait_for(lambda: fetches_at_least(fetches, polled + 60), 10, "60 more polls")
+        writes, polled = queue.writes - writes, await fetches() - polled
+        # Six empty queues whose polls fall on the same instants share each write; apart, each
+        # poll would be a write of its own.
+        assert writes <= polled / 3, f"{writes} writes for {polled} polls"
+    finally:
+        await made.consumer.close()
+        made.broker.close()
+        await queue.close()
+        await counter.close()
+        server.stop()
+
+
+async def fetches_at_least(fetches: Any, count: int) -> bool:
+    return bool(await fetches() >= count)
