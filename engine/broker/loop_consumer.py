@@ -87,6 +87,7 @@ class LoopConsumer:
         self._delay_prefetch = delay_prefetch
         self._poll_ms = poll_ms
         self._unsettled: dict[str, set[str]] = {}  # per queue: redis ids fetched, not settled
+        self._limit: dict[str, int] = {}  # per queue: its prefetch (delay queues: their own)
         self._room: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._fetching: set[str] = set()  # queues whose fetch is awaiting its reply
@@ -99,14 +100,12 @@ class LoopConsumer:
         self._sooner = asyncio.Event()  # a message was held that is due before the timer fires
         self._promoter: asyncio.Task[None] | None = None
 
-    def owns(self, queue: str) -> bool:
-        return queue in self._tasks
-
     def add(self, queue: str) -> None:
         """Start fetching `queue`, a ready or a delay queue (on the running loop)."""
         if queue in self._tasks:
             return
         self._unsettled[queue] = set()
+        self._limit[queue] = self._delay_prefetch if is_delay_queue(queue) else self._prefetch
         self._room[queue] = asyncio.Event()
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._consume(queue), name=f"consume {queue}")
@@ -127,7 +126,7 @@ class LoopConsumer:
         if unsettled is None:
             return
         unsettled.discard(message.options["redis_message_id"])
-        if len(unsettled) <= self._limit(queue) // 2:
+        if len(unsettled) <= self._limit[queue] // 2:
             self._room[queue].set()
 
     def held_ids(self) -> set[str]:
@@ -144,13 +143,10 @@ class LoopConsumer:
             dead.append("the delayed messages' promotion")
         return dead
 
-    def _limit(self, queue: str) -> int:
-        return self._delay_prefetch if is_delay_queue(queue) else self._prefetch
-
     async def _consume(self, queue: str) -> None:
         unsettled = self._unsettled[queue]
         room = self._room[queue]
-        limit = self._limit(queue)
+        limit = self._limit[queue]
         delayed = is_delay_queue(queue)
         misses = 0
         while not self._closing:
@@ -311,13 +307,9 @@ class LoopConsumer:
             for task in late:  # a fetch from a Redis that hangs: its ids stay in the ack set
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        # Everything in the work queue was fetched here: on Redis this is the only fetcher.
         waiting: list[WorkItem] = list(iter_queue(self._work_queue))  # type: ignore[no-untyped-call]
-        back = list(self._delayed.values())
-        for item in waiting:
-            if self.owns(item.message.queue_name):
-                back.append(item.message)
-            else:
-                self._work_queue.put(item)  # another consumer's (none on Redis today)
+        back = [*self._delayed.values(), *(item.message for item in waiting)]
         if not back:
             return
         groups: list[Arg] = []
