@@ -9,7 +9,8 @@ jobs in flight, each over fresh users:
 - engine: `Prefetcher.prefetch` of a scheduled job, what an actor awaits: the freshness and
   generation read before the fetch, the fetch and decode, the body, gzip and stamp, the
   guarded store and its expiry index;
-- plain:  the fetch, decode, body, gzip and a SET with PX, as bench_prefetch's plain loop.
+- plain:  the fetch, decode, body, gzip and a SET with PX: bench_prefetch's plain loop's own
+          step (`prefetch_baseline.plain_prefetch`).
 
 The two alternate within one process, the order flipped every round, so that the machine's
 drift falls on both. Their difference is what the cache's guarantees cost per user beyond the
@@ -30,7 +31,6 @@ import uvloop
 
 from bench.common import (
     BENCH_DBS,
-    SERVICE_TOKEN,
     Services,
     flush_bench_dbs,
     machine,
@@ -39,13 +39,10 @@ from bench.common import (
     save_result,
     start_sandbox,
 )
-from engine import wire
+from bench.prefetch_baseline import plain_prefetch, timelines_at
 from engine.runtime import open_runtime
 from engine.settings import load_settings
-from engine.store import keys
-from engine.store.entry import compress
 
-WARM_TTL_MS = 900_000
 WARMUP_USERS = 1_000
 
 Step = Callable[[str], Awaitable[object]]
@@ -71,18 +68,13 @@ async def measure(
     settings = load_settings(env)
     async with open_runtime(settings) as runtime:
         warm = runtime.redis["warm"]
-        headers = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
-        prefix = upstreams["TIMELINE_SERVICE_URL"] + settings.timeline_path.split("{userId}")[0]
+        prefix = timelines_at(upstreams["TIMELINE_SERVICE_URL"])
 
         async def engine(user: str) -> object:
             return await runtime.prefetcher.prefetch(user, "medium", origin="schedule")
 
         async def plain(user: str) -> object:
-            async with runtime.session.get(f"{prefix}{user}?limit=100", headers=headers) as rsp:
-                raw = await rsp.read()
-            posts = wire.timeline_page_decoder.decode(raw).posts
-            body = wire.cached_body(posts, int(time.time() * 1000), "warm", cached=True)
-            return await warm.set(keys.timeline("warm", user), compress(body), px=WARM_TTL_MS)
+            return await plain_prefetch(runtime.session, warm, prefix, user, gzip=True)
 
         steps: dict[str, Step] = {"engine": engine, "plain": plain}
         for step in steps.values():  # connections, tokens, scripts loaded

@@ -28,10 +28,34 @@ from bench.procfs import cpu_seconds, system_busy_seconds
 from engine import wire
 from engine.settings import Settings
 from engine.store import keys
+from engine.store.client import RedisClient
 from engine.store.entry import compress
 from engine.store.fastredis import FastRedis
 
 WARM_TTL_MS = 900_000
+AUTH = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+
+
+def timelines_at(timeline_url: str) -> str:
+    """The URL of the sandbox's timelines at `timeline_url`, up to the user id."""
+    return timeline_url + Settings().timeline_path.split("{userId}")[0]
+
+
+async def plain_prefetch(
+    session: aiohttp.ClientSession, redis: RedisClient, prefix: str, user: str, *, gzip: bool
+) -> bool:
+    """Fetch, decode, encode, (compress,) SET: the least a prefetch has to do (also
+    bench_prefetch_path's plain step). False when the upstream did not answer 200."""
+    async with session.get(f"{prefix}{user}?limit=100", headers=AUTH) as rsp:
+        raw = await rsp.read()
+        if rsp.status != 200:
+            return False
+    posts = wire.timeline_page_decoder.decode(raw).posts
+    body = wire.cached_body(posts, int(time.time() * 1000), "warm", cached=True)
+    if gzip:
+        body = compress(body)
+    await redis.set(keys.timeline("warm", user), body, px=WARM_TTL_MS)
+    return True
 
 
 @dataclass
@@ -56,9 +80,9 @@ def _baseline_child(
 async def _baseline(
     config: BaselineConfig, warmup: list[str], users: list[str], ready: Any, go: Any
 ) -> dict[str, Any]:
-    """Fetch, decode, encode, (compress,) SET: the least a prefetch has to do."""
-    headers = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
-    prefix = config.timeline_url + Settings().timeline_path.split("{userId}")[0]
+    """`plain_prefetch` of each user, `config.concurrency` at a time."""
+    prefix = timelines_at(config.timeline_url)
+    gzip = config.compression == "gzip"
     limit = config.concurrency
     connector = aiohttp.TCPConnector(limit=limit * 2, limit_per_host=limit * 2)
     redis = await FastRedis.connect(config.url, BENCH_DBS["REDIS_DB_WARM"])
@@ -73,17 +97,10 @@ async def _baseline(
                     user = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return done
-                async with session.get(f"{prefix}{user}?limit=100", headers=headers) as rsp:
-                    raw = await rsp.read()
-                    if rsp.status != 200:
-                        errors += 1
-                        continue
-                posts = wire.timeline_page_decoder.decode(raw).posts
-                body = wire.cached_body(posts, int(time.time() * 1000), "warm", cached=True)
-                if config.compression == "gzip":
-                    body = compress(body)
-                await redis.set(keys.timeline("warm", user), body, px=WARM_TTL_MS)
-                done += 1
+                if await plain_prefetch(session, redis, prefix, user, gzip=gzip):
+                    done += 1
+                else:
+                    errors += 1
 
         async def run_all(ids: list[str]) -> int:
             queue: asyncio.Queue[str] = asyncio.Queue()
