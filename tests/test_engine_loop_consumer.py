@@ -328,7 +328,9 @@ async def test_a_draining_worker_keeps_its_heartbeat_after_it_stops_fetching(
     # the jobs still running here. The worker beats every third of it meanwhile.
     async with Engine.open(tmp_path, redis_url) as engine:
         supervisor = await engine.start_worker(
-            PREFETCH_WORKER_COUNT="1", PREFETCH_SHUTDOWN_TIMEOUT="7000"
+            # A drain of 10 s: the second beat (about 5 s in) comes well before its end.
+            PREFETCH_WORKER_COUNT="1",
+            PREFETCH_SHUTDOWN_TIMEOUT="10000",
         )
         slow = user(SLOW_PREFIX)
         await engine.jobs.schedule(slow, "high")
@@ -342,7 +344,7 @@ async def test_a_draining_worker_keeps_its_heartbeat_after_it_stops_fetching(
 
         await wait_for(beaten_while_draining, 8, "a heartbeat 4 s into the drain")
         assert supervisor.proc.poll() is None, "still draining: the beat came from the drain"
-        assert await supervisor.wait_exit(8) == EXIT_OK
+        assert await supervisor.wait_exit(12) == EXIT_OK
 
 
 async def test_idle_queues_are_polled_together_one_write_for_all(tmp_path: Path) -> None:

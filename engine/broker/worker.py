@@ -2,9 +2,8 @@
 
 Built entirely after fork by `run_worker`. On Redis every queue, ready or delayed, is fetched
 on this process's loop (engine/broker/loop_consumer.py); on RabbitMQ Dramatiq's consumer
-threads fetch them. The executor runs the
-messages as coroutines on the loop, `PREFETCH_JOB_CONCURRENCY` at once, and settles them in
-batches (engine/broker/executor.py).
+threads fetch them. The executor runs the messages as coroutines on the loop,
+`PREFETCH_JOB_CONCURRENCY` at once, and settles them in batches (engine/broker/executor.py).
 """
 
 from __future__ import annotations
