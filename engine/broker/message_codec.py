@@ -9,10 +9,11 @@ fetches or inspects messages uses it.
 
 The bytes are what Dramatiq's encoder writes for the messages we build (ASCII keys and
 strings, integers, lists, None): orjson's compact output is byte for byte `json.dumps(data,
-separators=(",", ":"))` there (tests/test_engine_layout.py compares the two), so workers of
-an earlier release and this one read each other's messages. Where they would differ (non-ASCII
-text, which orjson writes as UTF-8 and not as escapes) both decoders read both. A value
-orjson cannot encode (an integer beyond 64 bits) falls back to the stdlib's encoder.
+separators=(",", ":"))` there (tests/test_engine_message_codec.py compares the two), so
+workers of an earlier release and this one read each other's messages. Where they would
+differ (non-ASCII text, which orjson writes as UTF-8 and not as escapes) both decoders read
+both. A value orjson cannot encode (an integer beyond 64 bits) falls back to the stdlib's
+encoder.
 """
 
 from __future__ import annotations
