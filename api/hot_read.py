@@ -11,9 +11,12 @@ no task.
 The plain case, decided before anything is sent (`accept`): GET /api/cache/{userId} over
 HTTP/1.1 keep-alive, no body, no query, no If-None-Match, a valid user id, and a token whose
 verdict is remembered and admits the read (api.auth `allows`). The read then asks the hot
-tier, then the warm one (`send`, `landed`). Everything else, and every outcome but a hit (a
-miss, so a read-through; a Redis error or refusal; no live Redis connection), goes to the app
-as before, with the same message: its answer, its errors and their envelopes are the app's.
+tier, then the warm one (`send`, `landed`). With a local copy (API_LOCAL_CACHE_MB,
+engine/store/local_cache.py), a read the copy holds is answered at once instead
+(`answer_copy`), and one it does not hold goes to the app, whose tracked read copies it.
+Everything else, and every outcome but a hit (a miss, so a read-through; a Redis error or
+refusal; no live Redis connection), goes to the app as before, with the same message: its
+answer, its errors and their envelopes are the app's.
 A hit is answered exactly as the app answers it (api.views_cache.timeline_answer, the same
 headers, X-Request-Id as the envelope would set it) and counted as the app counts it (the
 hit and tier statistics, the activity batch, the HTTP metrics and access line through
@@ -100,6 +103,17 @@ class HotReads:
             time.perf_counter(),
         )
 
+    def answer_copy(
+        self, read: HotRead, transport: asyncio.Transport, remote: Callable[[], str | None]
+    ) -> bool:
+        """Answer the read from the local copy (API_LOCAL_CACHE_MB) at once: True when it held
+        the user's entry and the read was answered, False when Redis must be asked."""
+        found = self._app[RUNTIME].cache.copied(read.user)
+        if found is None:
+            return False
+        tier, stored = found
+        return self._answer(read, tier, stored, transport, remote)
+
     def send(self, read: HotRead) -> asyncio.Future[Any] | None:
         """The GET of the read's current tier, sent; None when Redis cannot be asked so."""
         return self._app[RUNTIME].cache.send_get(_TIERS[read.tier], read.user)
@@ -124,11 +138,22 @@ class HotReads:
             return False  # a miss: the app reads through
         if not isinstance(stored, bytes):  # an error reply: the app answers it
             return False
+        return self._answer(read, _TIERS[read.tier], stored, transport, remote)
+
+    def _answer(
+        self,
+        read: HotRead,
+        tier: str,
+        stored: bytes,
+        transport: asyncio.Transport,
+        remote: Callable[[], str | None],
+    ) -> bool:
+        """Answer the read with `stored`, found in `tier`, and count it as the app would."""
         # Built first: an entry that cannot be answered (a corrupt gzip member for a plain
         # client) raises here, before anything is counted, and the app answers it.
         body, lines = timeline_answer(stored, read.gzip_ok)
         lines += b"X-Request-Id: %s\r\n" % read.request_id.encode()
-        count_hit(self._app, read.user, _TIERS[read.tier])
+        count_hit(self._app, read.user, tier)
         send(transport, whole_head(OK_STATUS, lines, len(body)), body)
         record(
             ACCESS_LOGGER,

@@ -17,10 +17,12 @@ import pytest_asyncio
 from aiohttp import web
 
 from api import create_app
+from api.appkeys import RUNTIME
 from api.server import make_runner
 from engine.settings import Settings
 from engine.store import keys
 from engine.store.fastredis import FastRedis
+from engine.store.local_cache import LocalCache
 from tests.conftest import SERVICE_TOKEN, ApiClient, Reply, eventually, new_user, serve_api
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,6 +74,51 @@ async def test_hot_reads_answer_as_the_app_does(
             if "X-Request-Id" in headers:
                 assert hot.headers["X-Request-Id"] == headers["X-Request-Id"]
     assert door.hot_reads.answered - hits_before == 15
+
+
+async def test_reads_the_local_copy_holds_are_answered_on_the_hot_path(
+    settings: Settings, redis_roles: dict[str, FastRedis]
+) -> None:
+    copying = settings.with_overrides(api_local_cache_mb=8)
+    async with serve_api(copying) as door, serve_api(copying, front_door=False) as router:
+        assert door.hot_reads is not None
+        local = door.app[RUNTIME].cache._local
+        assert isinstance(local, LocalCache)
+
+        async def live() -> bool:
+            return local.live
+
+        await eventually(live)
+        user = new_user()
+        assert (await door.call("GET", f"/api/cache/{user}")).status == 200  # read through
+        stored = await redis_roles["warm"].get(keys.timeline("warm", user))
+        assert stored is not None
+        # The first hit is the app's (a copy is made only by a tracked read); the next ones
+        # come from the copy, on the hot path, with the answer the app gives from Redis.
+        assert (await door.call("GET", f"/api/cache/{user}")).status == 200
+        assert local.get(user) == ("warm", stored)
+        hits, answered = local.hits, door.hot_reads.answered
+        for headers in ({"Accept-Encoding": "gzip"}, {}, {"X-Request-Id": "client-chosen-2"}):
+            hot = await door.call("GET", f"/api/cache/{user}", headers=headers)
+            app = await router.call("GET", f"/api/cache/{user}", headers=headers)
+            assert hot.status == 200
+            assert _shape(hot) == _shape(app), headers
+        assert door.hot_reads.answered == answered + 3
+        assert local.hits == hits + 3
+        # A write by another client drops the copy once Redis says so: then Redis answers.
+        other = new_user()
+        assert (await router.call("GET", f"/api/cache/{other}")).status == 200
+        replacement = await redis_roles["warm"].get(keys.timeline("warm", other))
+        assert replacement is not None and replacement != stored
+        await redis_roles["warm"].set(keys.timeline("warm", user), replacement, px=60_000)
+
+        async def dropped() -> bool:
+            return local.get(user) is None
+
+        await eventually(dropped)
+        again = await door.call("GET", f"/api/cache/{user}")
+        assert again.status == 200 and again.headers["ETag"] != hot.headers["ETag"]
+        assert _shape(again) == _shape(await router.call("GET", f"/api/cache/{user}"))
 
 
 async def test_what_the_hot_path_declines_the_app_answers(

@@ -101,6 +101,13 @@ class HotPathHandler(RequestHandler):
         read = reads.accept(message)
         if read is None:
             return False
+        if self._answered_from_copy(reads, read):
+            messages.popleft()  # answered from the local copy: no Redis reply to wait for
+            reads.taken += 1
+            if self._parser is not None:
+                self._parser.message_consumed()
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            return True
         reply = reads.send(read)
         if reply is None:
             return False
@@ -110,6 +117,15 @@ class HotPathHandler(RequestHandler):
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         reply.add_done_callback(partial(self._landed, reads, read, message, payload))
         return True
+
+    def _answered_from_copy(self, reads: HotReads, read: HotRead) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        try:
+            return reads.answer_copy(read, transport, self._remote)
+        except Exception:  # nothing written yet: the app answers (and logs) what failed here
+            return False
 
     def _landed(
         self,

@@ -136,6 +136,13 @@ class TimelineCache:
             return "warm", stored
         return None
 
+    def copied(self, user_id: str) -> tuple[str, bytes] | None:
+        """(tier, stored bytes) from the API's local copy (API_LOCAL_CACHE_MB) when it holds
+        a valid one for the user, else None (no copy, or no local copy at all): a read that
+        needs no Redis."""
+        local = self._local
+        return None if local is None else local.get(user_id)
+
     def send_get(self, tier: str, user_id: str) -> asyncio.Future[Any] | None:
         """The GET of the user's entry in `tier`, sent without waiting: the future of its raw
         reply (bytes, None, or an error reply as a value). None when a read must go through
