@@ -47,7 +47,7 @@ from bench.common import (
 from bench.prefetch_baseline import run_baseline
 from bench.prefetch_engine import run_engine
 from bench.prefetch_load import queue_url
-from bench.prefetch_run import Run, summary
+from bench.prefetch_run import Run, median, paired_ratios, summary
 
 
 def report(args: argparse.Namespace, runs: list[Run]) -> None:
@@ -93,9 +93,9 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
             print(f"  {note}")
 
 
-def run_once(args: argparse.Namespace) -> tuple[list[Run], str]:
-    """One engine run and (unless --no-baseline) its baseline, on a fresh sandbox."""
-    runs: list[Run] = []
+def run_once(args: argparse.Namespace, *, baseline_first: bool = False) -> tuple[list[Run], str]:
+    """One engine run and (unless --no-baseline) its baseline, on a fresh sandbox: [engine,
+    baseline], whichever ran first (`baseline_first`: the matrix alternates, see `matrix`)."""
     with redis_target(args.redis_url) as url, Services(f"prefetch-{args.mode}") as services:
         flush_bench_dbs(url)
         print(
@@ -107,12 +107,19 @@ def run_once(args: argparse.Namespace) -> tuple[list[Run], str]:
             flush_bench_dbs(queue)
             print(f"the queue on {queue} (BROKER_URL), DBs 4-7 flushed")
         upstreams = start_sandbox(services, url, args.latency_ms)
-        runs.append(run_engine(url, upstreams, services, args))
-        if not args.no_baseline:
-            print(f"baseline: {args.workers} processes x {args.concurrency} tasks ...")
-            runs.append(run_baseline(url, upstreams, services, args))
+        baseline: Run | None = None
+        if not args.no_baseline and baseline_first:
+            baseline = _baseline(url, upstreams, services, args)
+        engine = run_engine(url, upstreams, services, args)
+        if not args.no_baseline and baseline is None:
+            baseline = _baseline(url, upstreams, services, args)
         logs = services.logs
-    return runs, str(logs)
+    return [engine] if baseline is None else [engine, baseline], str(logs)
+
+
+def _baseline(url: str, upstreams: Any, services: Services, args: argparse.Namespace) -> Run:
+    print(f"baseline: {args.workers} processes x {args.concurrency} tasks ...")
+    return run_baseline(url, upstreams, services, args)
 
 
 def matrix(
@@ -125,6 +132,13 @@ def matrix(
     speed drifts over the minutes of a matrix slows every cell alike. `between(round,
     latency)`, when given, runs after both modes of a latency in each round: the harness runs
     the BullMQ peer's round there, beside the engine's (bench/harness.py).
+
+    The CPU ratio is paired: each round's engine over the baseline run beside it, on the same
+    sandbox seconds apart (the baseline first in every other round, so that a drift within a
+    round favours neither), and the cell's is the median of those (`cpu_ratios` lists them).
+    The sandbox's own CPU per job, the same work in every run, showed this machine's speed
+    moving by up to 1.5x between the rounds of one matrix (tuning.md), so a ratio of the two
+    medians compares runs minutes apart; it stays in the JSON as `cpu_ratio_of_medians`.
     """
     latencies = getattr(args, "latencies", None) or (0, 50)
     modes = ("single", "batch")
@@ -136,7 +150,7 @@ def matrix(
             for mode in modes:
                 print(f"--- {mode}, {latency} ms, round {n + 1}/{args.rounds}")
                 one = argparse.Namespace(**{**vars(args), "mode": mode, "latency_ms": latency})
-                rounds[mode, latency].append(run_once(one)[0])
+                rounds[mode, latency].append(run_once(one, baseline_first=n % 2 == 1)[0])
             if between is not None:
                 between(n, latency)
     cells: list[dict[str, Any]] = []
@@ -149,7 +163,12 @@ def matrix(
         if "baseline" in cell:
             engine_cpu = cell["engine"]["worker_cpu_us_per_job"]
             base_cpu = cell["baseline"]["worker_cpu_us_per_job"]
-            cell["cpu_ratio"] = engine_cpu / base_cpu if base_cpu else None
+            cell["cpu_ratio_of_medians"] = engine_cpu / base_cpu if base_cpu else None
+            cell["cpu_ratios"] = paired_ratios(
+                [r[0].cpu_us_per_job("workers") for r in done if len(r) > 1],
+                [r[1].cpu_us_per_job("workers") for r in done if len(r) > 1],
+            )
+            cell["cpu_ratio"] = median(cell["cpu_ratios"]) if cell["cpu_ratios"] else None
             base_rate = cell["baseline"]["jobs_per_s"]
             cell["rate_ratio"] = cell["engine"]["jobs_per_s"] / base_rate if base_rate else None
         cells.append(cell)
@@ -171,7 +190,8 @@ def print_matrix(args: argparse.Namespace, cells: list[dict[str, Any]]) -> None:
         f"{args.concurrency}, CACHE_COMPRESSION={args.compression}"
     )
     headers = ["mode", "upstream", "engine jobs/s", "baseline jobs/s", "engine/baseline"]
-    headers += ["worker CPU µs/job (engine / baseline)", "CPU ratio", "peak RSS MB", "other CPU %"]
+    headers += ["worker CPU µs/job (engine / baseline)", "CPU ratio (rounds)", "peak RSS MB"]
+    headers += ["other CPU %"]
     rows = []
     for c in cells:
         e, b = c["engine"], c.get("baseline", {})
@@ -183,7 +203,9 @@ def print_matrix(args: argparse.Namespace, cells: list[dict[str, Any]]) -> None:
                 f"{b.get('jobs_per_s', 0):.0f}",
                 f"{c.get('rate_ratio') or 0:.2f}",
                 f"{e['worker_cpu_us_per_job']:.0f} / {b.get('worker_cpu_us_per_job', 0):.0f}",
-                f"{c.get('cpu_ratio') or 0:.2f}",
+                f"{c.get('cpu_ratio') or 0:.2f} ("
+                + " / ".join(f"{r:.2f}" for r in c.get("cpu_ratios", []))
+                + ")",
                 f"{e['peak_rss_mb']:.0f}",
                 f"{e['other_cpu_pct']:.0f}",
             ]

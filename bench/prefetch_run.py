@@ -62,6 +62,11 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
+def paired_ratios(numerators: list[float | None], denominators: list[float | None]) -> list[float]:
+    """Each pair's ratio, in order, leaving out a pair with a missing or zero value."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True) if a and b]
+
+
 def summary(runs: list[Run]) -> dict[str, Any]:
     """Medians of the rounds of one cell, and the rounds themselves."""
     return {
