@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -47,7 +48,7 @@ from bench.common import (
 from bench.prefetch_baseline import run_baseline
 from bench.prefetch_engine import run_engine
 from bench.prefetch_load import queue_url
-from bench.prefetch_run import Run, median, paired_ratios, summary
+from bench.prefetch_run import Run, paired_ratios, summary
 
 
 def report(args: argparse.Namespace, runs: list[Run]) -> None:
@@ -137,7 +138,7 @@ def matrix(
     sandbox seconds apart (the baseline first in every other round, so that a drift within a
     round favours neither), and the cell's is the median of those (`cpu_ratios` lists them).
     The sandbox's own CPU per job, the same work in every run, showed this machine's speed
-    moving by up to 1.5x between the rounds of one matrix (tuning.md), so a ratio of the two
+    moving by up to 1.6x between the rounds of one matrix (tuning.md), so a ratio of the two
     medians compares runs minutes apart; it stays in the JSON as `cpu_ratio_of_medians`.
     """
     latencies = getattr(args, "latencies", None) or (0, 50)
@@ -168,7 +169,9 @@ def matrix(
                 [r[0].cpu_us_per_job("workers") for r in done if len(r) > 1],
                 [r[1].cpu_us_per_job("workers") for r in done if len(r) > 1],
             )
-            cell["cpu_ratio"] = median(cell["cpu_ratios"]) if cell["cpu_ratios"] else None
+            cell["cpu_ratio"] = (
+                statistics.median(cell["cpu_ratios"]) if cell["cpu_ratios"] else None
+            )
             base_rate = cell["baseline"]["jobs_per_s"]
             cell["rate_ratio"] = cell["engine"]["jobs_per_s"] / base_rate if base_rate else None
         cells.append(cell)

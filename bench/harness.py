@@ -25,12 +25,13 @@ import argparse
 import contextlib
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, local_redis_pid, machine, print_table, redis_target
-from bench.prefetch_run import median, paired_ratios
+from bench.prefetch_run import paired_ratios
 
 PARTS = ("components", "reads", "prefetch", "peers", "tick")
 
@@ -247,7 +248,7 @@ def bullmq_ratio(cell: dict[str, Any], peer: dict[str, Any]) -> float:
     engine = [r["jobs_per_s"] for r in cell["engine"].get("rounds", [])]
     theirs = [r["jobs_per_s"] for r in peer.get("rounds", [])]
     if engine and len(engine) == len(theirs):
-        return median(paired_ratios(engine, theirs))
+        return statistics.median(paired_ratios(engine, theirs))
     return float(cell["engine"]["jobs_per_s"] / peer["jobs_per_s"])
 
 
