@@ -244,11 +244,12 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
 def bullmq_ratio(cell: dict[str, Any], peer: dict[str, Any]) -> float:
     """Engine / BullMQ jobs/s: the median of each round's ratio when the peer ran a round beside
     each of the engine's (`run_prefetch`), as the CPU ratio pairs the engine with its plain
-    loop; else the ratio of the two medians."""
+    loop; else (or when no round has both figures) the ratio of the two medians."""
     engine = [r["jobs_per_s"] for r in cell["engine"].get("rounds", [])]
     theirs = [r["jobs_per_s"] for r in peer.get("rounds", [])]
-    if engine and len(engine) == len(theirs):
-        return statistics.median(paired_ratios(engine, theirs))
+    ratios = paired_ratios(engine, theirs) if len(engine) == len(theirs) else []
+    if ratios:
+        return statistics.median(ratios)
     return float(cell["engine"]["jobs_per_s"] / peer["jobs_per_s"])
 
 

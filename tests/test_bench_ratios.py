@@ -35,3 +35,6 @@ def test_the_bullmq_ratio_is_paired_when_every_round_has_a_peer_round() -> None:
     }
     peer_four = {"jobs_per_s": 1.0, "rounds": [{"jobs_per_s": 1.0}] * 4}
     assert bullmq_ratio(four, peer_four) == 3.5
+    # Rounds without a figure (a round that did nothing): the medians, not an empty median.
+    idle = {"jobs_per_s": 2000.0, "rounds": [{"jobs_per_s": 0.0}] * 3}
+    assert bullmq_ratio({"engine": idle}, peer) == 2.0
